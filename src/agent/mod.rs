@@ -1,0 +1,208 @@
+//! The agent (`mesync start`): sends `outbox/` to the hub, writes what the hub has for this
+//! host into `inbox/`, runs hooks, and keeps the queues tidy.
+//!
+//! Four loops share an [`Agent`] and one shutdown token:
+//! - [`outbox`]: woken by a file watcher on `outbox/` (and at least every `poll_interval`),
+//!   sends files in priority order, in batches, backing off while the hub is unreachable;
+//! - [`inbox`]: long-polls the hub, writes each pulled batch with one group commit, then acks;
+//! - [`runner`]: runs the hooks of delivered messages one at a time, in delivery order;
+//! - housekeeping (here): purges `sent/` after `sent_ttl`, removes crash debris, writes the
+//!   status file that `mesync status` reads.
+
+pub mod backoff;
+pub mod inbox;
+pub mod ledger;
+pub mod outbox;
+pub mod runner;
+pub mod status;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::HubClient;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::spool;
+use ledger::Ledger;
+use status::Status;
+
+/// How long a hook in progress may take to finish once shutdown was asked for.
+const HOOK_GRACE: Duration = Duration::from_secs(10);
+/// How often crash debris is looked for.
+const DEBRIS_SWEEP: Duration = Duration::from_secs(600);
+
+/// What the agent's loops share.
+pub struct Agent {
+    pub config: Config,
+    pub client: HubClient,
+    pub ledger: Mutex<Ledger>,
+    /// Woken when the inbox loop delivered messages whose hooks must run.
+    pub hooks_wake: Notify,
+    /// Woken by the file watcher when `outbox/` changes.
+    pub outbox_wake: Arc<Notify>,
+    pub status: Mutex<Status>,
+    pub shutdown: CancellationToken,
+}
+
+impl Agent {
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the outcome of an exchange with the hub for `mesync status`.
+    pub fn hub_result(&self, result: std::result::Result<(), String>) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = status.record(result);
+        if changed {
+            status.save(&self.config.state_dir());
+        }
+    }
+}
+
+/// Creates the base dir's queues if they are missing.
+pub fn ensure_dirs(config: &Config) -> Result<()> {
+    for dir in [
+        config.outbox_dir(),
+        config.inbox_dir(),
+        config.sent_dir(),
+        config.failed_dir(),
+        config.hooks_dir(),
+        config.state_dir(),
+    ] {
+        spool::ensure_dir(&dir)?;
+    }
+    Ok(())
+}
+
+/// Runs the agent until `shutdown` is cancelled; then lets the work in hand finish (a hook
+/// in progress gets [`HOOK_GRACE`]) and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    ensure_dirs(&config)?;
+    let ledger = Ledger::open(&config.state_dir())?;
+    let client = HubClient::new(&config)?;
+    let status = Status::new(&config);
+    status.save(&config.state_dir());
+    let agent = Arc::new(Agent {
+        client,
+        ledger: Mutex::new(ledger),
+        hooks_wake: Notify::new(),
+        outbox_wake: Arc::new(Notify::new()),
+        status: Mutex::new(status),
+        shutdown: shutdown.clone(),
+        config,
+    });
+    tracing::info!(
+        host = %agent.config.host_id,
+        hub = %agent.config.server_url,
+        base = %agent.config.base_dir.display(),
+        "agent started"
+    );
+    let _watcher = outbox::watch(&agent.config.outbox_dir(), Arc::clone(&agent.outbox_wake));
+
+    let sender = tokio::spawn(outbox::run(Arc::clone(&agent)));
+    let puller = tokio::spawn(inbox::run(Arc::clone(&agent)));
+    let hooks = tokio::spawn(runner::run(Arc::clone(&agent)));
+    let keeper = tokio::spawn(housekeeping(Arc::clone(&agent)));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing the work in hand");
+    let _ = sender.await;
+    let _ = puller.await;
+    let _ = keeper.await;
+    if tokio::time::timeout(HOOK_GRACE, hooks).await.is_err() {
+        tracing::warn!("a hook did not finish in time; it will run again after the restart");
+    }
+    agent
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stopped(&agent.config.state_dir());
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn housekeeping(agent: Arc<Agent>) {
+    let mut last_debris_sweep: Option<tokio::time::Instant> = None;
+    loop {
+        let config = agent.config.clone();
+        let sweep_debris = last_debris_sweep.is_none_or(|t| t.elapsed() >= DEBRIS_SWEEP);
+        if sweep_debris {
+            last_debris_sweep = Some(tokio::time::Instant::now());
+        }
+        let work = tokio::task::spawn_blocking(move || tidy(&config, sweep_debris)).await;
+        match work {
+            Ok(Err(err)) => tracing::warn!(%err, "housekeeping failed"),
+            Err(err) => tracing::warn!(%err, "housekeeping task failed"),
+            Ok(Ok(())) => {}
+        }
+        {
+            let status = agent.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.save(&agent.config.state_dir());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(agent.config.poll_interval) => {}
+            _ = agent.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One housekeeping pass: `sent/` purge, and crash debris when `sweep_debris`.
+fn tidy(config: &Config, sweep_debris: bool) -> Result<()> {
+    let purged = purge_sent(&config.sent_dir(), config.sent_ttl)?;
+    if purged > 0 {
+        tracing::info!(purged, "purged sent/ files older than sent_ttl");
+    }
+    if sweep_debris {
+        for dir in [
+            config.outbox_dir(),
+            config.inbox_dir(),
+            config.sent_dir(),
+            config.failed_dir(),
+            config.state_dir(),
+        ] {
+            let removed = spool::remove_debris(&dir, spool::DEBRIS_AGE)?;
+            if removed > 0 {
+                tracing::info!(removed, dir = %dir.display(), "removed crash debris");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes files that entered `sent/` more than `ttl` ago. The move into `sent/` is a rename,
+/// which sets the file's change time (ctime): that is the time it was sent, whereas its
+/// mtime is when it was written into the outbox.
+pub fn purge_sent(dir: &Path, ttl: Duration) -> Result<usize> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut purged = 0;
+    for name in spool::list(dir)? {
+        let path = dir.join(&name);
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let changed = meta.ctime() as f64 + meta.ctime_nsec() as f64 / 1e9;
+        if now - changed >= ttl.as_secs_f64() {
+            match fs::remove_file(&path) {
+                Ok(()) => purged += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        action: "remove",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(purged)
+}

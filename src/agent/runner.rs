@@ -1,0 +1,127 @@
+//! The hook runner: runs the hook of each delivered message once, one at a time, in
+//! delivery order. The ledger records each start and each end, so after a crash the hook
+//! that was running runs again with a higher `MESYNC_ATTEMPT`. Exit 75 retries the hook with
+//! backoff, up to [`MAX_ATTEMPTS`]; later hooks wait, to keep the order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::Agent;
+use super::backoff::Backoff;
+use super::ledger::{Delivery, Record};
+use crate::hooks::{HookRun, Outcome};
+use crate::message::Message;
+
+/// Attempts of a hook that keeps exiting 75 before its message is given up on.
+pub const MAX_ATTEMPTS: u32 = 5;
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The runner loop.
+pub async fn run(agent: Arc<Agent>) {
+    loop {
+        if agent.shutdown.is_cancelled() {
+            return;
+        }
+        let next = agent.ledger().next_hook();
+        let Some((id, delivery)) = next else {
+            tokio::select! {
+                _ = agent.hooks_wake.notified() => continue,
+                _ = agent.shutdown.cancelled() => return,
+            }
+        };
+        if !run_hook(&agent, id, &delivery).await {
+            return;
+        }
+    }
+}
+
+/// Runs one message's hook to a final outcome (retrying exit 75). Returns false when
+/// shutdown interrupted a retry wait (the hook runs again after the restart).
+async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
+    let inbox_file = agent.config.inbox_dir().join(&delivery.file);
+    let message = match std::fs::read(&inbox_file)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| Message::parse(&bytes))
+    {
+        Ok(message) => message,
+        Err(reason) => {
+            // Flushed from the inbox (or damaged by hand) before its hook ran.
+            tracing::warn!(%id, file = %inbox_file.display(), %reason, "inbox file gone; hook not run");
+            finish(
+                agent,
+                id,
+                delivery.attempts,
+                "skipped: inbox file gone".into(),
+                false,
+            );
+            return true;
+        }
+    };
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+    let mut attempt = delivery.attempts + 1;
+    loop {
+        let run = HookRun {
+            hooks_dir: &agent.config.hooks_dir(),
+            message: &message,
+            inbox_file: &inbox_file,
+            attempt,
+            timeout: agent.config.hook_timeout,
+        };
+        let path = run.path();
+        if path.exists() {
+            record(agent, Record::HookStarted { id, attempt });
+            tracing::info!(%id, r#type = %message.kind, attempt, "hook started");
+        }
+        let outcome = run.run().await;
+        let retry = outcome == Outcome::TempFail && attempt < MAX_ATTEMPTS;
+        let described = match (&outcome, retry) {
+            (Outcome::TempFail, false) => format!("tempfail: gave up after {attempt} attempts"),
+            _ => outcome.describe(),
+        };
+        log_outcome(id, &message.kind, attempt, &outcome, &described);
+        finish(agent, id, attempt, described, retry);
+        if !retry {
+            return true;
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(%id, retry_in = ?delay, "hook asked to be retried (exit 75)");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = agent.shutdown.cancelled() => return false,
+        }
+        attempt += 1;
+    }
+}
+
+fn finish(agent: &Agent, id: Uuid, attempt: u32, outcome: String, retry: bool) {
+    record(
+        agent,
+        Record::HookFinished {
+            id,
+            attempt,
+            outcome,
+            retry,
+        },
+    );
+}
+
+/// Appends one record. The hook's message stays delivered whatever happens here; a record
+/// that cannot be written (disk full) means at worst one more run after a restart.
+fn record(agent: &Agent, record: Record) {
+    if let Err(err) = agent.ledger().append_or_remember(record) {
+        tracing::error!(%err, "cannot record a hook event");
+    }
+}
+
+fn log_outcome(id: Uuid, kind: &str, attempt: u32, outcome: &Outcome, described: &str) {
+    match outcome {
+        Outcome::NoHook => tracing::debug!(%id, r#type = %kind, "no hook"),
+        Outcome::Ok => tracing::info!(%id, r#type = %kind, attempt, "hook succeeded"),
+        _ => {
+            tracing::warn!(%id, r#type = %kind, attempt, outcome = %described, "hook did not succeed")
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The crate's error type: every failure says what was being done and to which path or URL.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors that reach a user: the CLI prints them on one line and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file system operation failed.
+    #[error("{}: {action}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The configuration (file, environment or flags) is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// A message, or an input meant to become one, is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Talking to the hub failed.
+    #[error("{0}")]
+    Http(String),
+}
+
+impl Error {
+    /// The I/O error behind this one, if any (to tell "disk full" from other failures).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// True when the failure means the file system is out of space or quota.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => is_storage_full(source),
+            _ => false,
+        }
+    }
+}
+
+/// True for ENOSPC and EDQUOT: the disk (or the user's quota) is full.
+pub fn is_storage_full(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches the action and the path to an `io::Result`.
+pub trait IoContext<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! Running one hook: `hooks/<type>` gets the message JSON on stdin and a small, clean
+//! environment; it is killed with its whole process group after the timeout.
+//!
+//! Loose hook files are refused before anything runs, as sshd and cron refuse them: not a
+//! regular file, writable by group or others, or owned by someone other than root or the
+//! agent's user.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Pid, Uid, User};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+use crate::message::Message;
+
+/// Exit status meaning "try again later" (sysexits.h EX_TEMPFAIL).
+pub const EX_TEMPFAIL: i32 = 75;
+/// Time a hook gets between SIGTERM and SIGKILL when it overstays its timeout.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// PATH for hooks when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// How a hook run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// There is no hook for this type: nothing to do.
+    NoHook,
+    Ok,
+    /// Exit 75: run it again later.
+    TempFail,
+    Failed(i32),
+    Killed(i32),
+    TimedOut,
+    /// The hook file was not run; why.
+    Refused(String),
+    /// It could not be started.
+    SpawnError(String),
+}
+
+impl Outcome {
+    /// The outcome as recorded in the ledger and shown by `mesync list inbox`.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::NoHook => "none".into(),
+            Outcome::Ok => "ok".into(),
+            Outcome::TempFail => format!("tempfail (exit {EX_TEMPFAIL})"),
+            Outcome::Failed(code) => format!("failed (exit {code})"),
+            Outcome::Killed(signal) => format!("killed (signal {signal})"),
+            Outcome::TimedOut => "timeout".into(),
+            Outcome::Refused(why) => format!("refused: {why}"),
+            Outcome::SpawnError(why) => format!("error: {why}"),
+        }
+    }
+}
+
+/// One hook run.
+pub struct HookRun<'a> {
+    pub hooks_dir: &'a Path,
+    pub message: &'a Message,
+    pub inbox_file: &'a Path,
+    pub attempt: u32,
+    pub timeout: Duration,
+}
+
+impl HookRun<'_> {
+    /// The hook's path: the type was validated, so it cannot leave `hooks/`.
+    pub fn path(&self) -> PathBuf {
+        self.hooks_dir.join(&self.message.kind)
+    }
+
+    /// Runs the hook, if there is one, and reports how it ended.
+    pub async fn run(&self) -> Outcome {
+        let path = self.path();
+        if let Err(outcome) = check_hook_file(&path) {
+            return outcome;
+        }
+        let id = self.message.id;
+        let mut command = Command::new(&path);
+        command
+            .env_clear()
+            .envs(user_environment())
+            .env("MESYNC_MESSAGE_ID", id.to_string())
+            .env("MESYNC_MESSAGE_TYPE", &self.message.kind)
+            .env("MESYNC_SOURCE", &self.message.source)
+            .env("MESYNC_PRIORITY", self.message.priority.as_str())
+            .env("MESYNC_INBOX_FILE", self.inbox_file)
+            .env("MESYNC_ATTEMPT", self.attempt.to_string())
+            .current_dir(self.hooks_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills everything it started.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => return Outcome::SpawnError(e.to_string()),
+        };
+        let pid = child.id().map(|p| Pid::from_raw(p as i32));
+
+        let stdin = child.stdin.take();
+        let input = self.message.to_json();
+        let feeder = tokio::spawn(async move {
+            if let Some(mut stdin) = stdin {
+                // A hook that does not read its input closes the pipe: not an error.
+                let _ = stdin.write_all(&input).await;
+            }
+        });
+        let mut loggers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            loggers.push(tokio::spawn(log_lines(out, id, "stdout")));
+        }
+        if let Some(err) = child.stderr.take() {
+            loggers.push(tokio::spawn(log_lines(err, id, "stderr")));
+        }
+
+        let status = match tokio::time::timeout(self.timeout, child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                tracing::warn!(%id, timeout = ?self.timeout, "hook timed out; killing its process group");
+                if let Some(pid) = pid {
+                    let _ = killpg(pid, Signal::SIGTERM);
+                    if tokio::time::timeout(KILL_GRACE, child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = killpg(pid, Signal::SIGKILL);
+                    }
+                }
+                let _ = child.wait().await;
+                feeder.abort();
+                for logger in loggers {
+                    logger.abort();
+                }
+                return Outcome::TimedOut;
+            }
+        };
+        let _ = feeder.await;
+        for logger in loggers {
+            // Output from a background process the hook left behind must not hold us up.
+            let _ = tokio::time::timeout(Duration::from_secs(1), logger).await;
+        }
+        match status {
+            Ok(status) => match (
+                status.code(),
+                std::os::unix::process::ExitStatusExt::signal(&status),
+            ) {
+                (Some(0), _) => Outcome::Ok,
+                (Some(EX_TEMPFAIL), _) => Outcome::TempFail,
+                (Some(code), _) => Outcome::Failed(code),
+                (None, Some(signal)) => Outcome::Killed(signal),
+                (None, None) => Outcome::Failed(-1),
+            },
+            Err(e) => Outcome::SpawnError(e.to_string()),
+        }
+    }
+}
+
+/// Checks that the hook exists and may be run. `Err(NoHook)` when there is none.
+fn check_hook_file(path: &Path) -> Result<(), Outcome> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Outcome::NoHook),
+        Err(e) => return Err(Outcome::Refused(format!("cannot inspect it: {}", e.kind()))),
+    };
+    if !meta.is_file() {
+        return Err(Outcome::Refused("not a regular file".into()));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(Outcome::Refused(format!(
+            "writable by group or others (mode {:o}); chmod go-w it",
+            mode & 0o7777
+        )));
+    }
+    let me = Uid::effective().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(Outcome::Refused(format!(
+            "owned by uid {}, neither root nor the agent's user (uid {me})",
+            meta.uid()
+        )));
+    }
+    if mode & 0o100 == 0 {
+        return Err(Outcome::Refused("not executable; chmod u+x it".into()));
+    }
+    Ok(())
+}
+
+/// PATH, HOME, USER and LOGNAME of the user the hook runs as, and nothing else.
+fn user_environment() -> Vec<(&'static str, String)> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
+    let mut env = vec![("PATH", path)];
+    if let Ok(Some(user)) = User::from_uid(Uid::effective()) {
+        env.push(("HOME", user.dir.display().to_string()));
+        env.push(("USER", user.name.clone()));
+        env.push(("LOGNAME", user.name));
+    } else if let Ok(home) = std::env::var("HOME") {
+        env.push(("HOME", home));
+    }
+    env
+}
+
+async fn log_lines(stream: impl tokio::io::AsyncRead + Unpin, id: uuid::Uuid, which: &'static str) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(%id, stream = which, "hook: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn loose_hook_files_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let hook = tmp.path().join("t");
+        assert_eq!(check_hook_file(&hook), Err(Outcome::NoHook));
+        fs::write(&hook, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(check_hook_file(&hook), Err(Outcome::Refused(_))));
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o757)).unwrap();
+        assert!(matches!(check_hook_file(&hook), Err(Outcome::Refused(_))));
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(check_hook_file(&hook), Ok(()));
+        let dir = tmp.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        assert!(matches!(check_hook_file(&dir), Err(Outcome::Refused(_))));
+    }
+}

@@ -1,0 +1,455 @@
+//! HTTP API v1: one `match` sends each request to its handler; every answer is JSON (or
+//! Prometheus text), every error `{"error": "..."}` with the status that fits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::store::{Enqueued, Store};
+use crate::message::{Message, validate_name};
+
+/// The longest long-poll a client may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Messages handed out per fetch when the client does not say.
+const DEFAULT_FETCH: usize = 100;
+/// The most messages one fetch may ask for.
+const MAX_FETCH: usize = 1000;
+/// Bodies other than message sends (acks) are small.
+const MAX_SMALL_BODY: usize = 1024 * 1024;
+
+/// What the handlers share.
+pub struct Api<S> {
+    pub store: S,
+    pub max_message_bytes: usize,
+    pub shutdown: CancellationToken,
+}
+
+pub type Answer = Response<Full<Bytes>>;
+
+/// An error answer: a status and a message for the client (never internals or paths).
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn bad_request(message: impl Into<String>) -> Refusal {
+        Refusal(StatusCode::BAD_REQUEST, message.into())
+    }
+}
+
+type Handled = Result<Answer, Refusal>;
+
+impl<S: Store> Api<S> {
+    /// The largest body a send may have: a batch of several maximal messages.
+    fn max_send_body(&self) -> usize {
+        self.max_message_bytes
+            .saturating_mul(8)
+            .max(8 * 1024 * 1024)
+    }
+
+    /// Routes one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Answer {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let result = match (method.clone(), path.as_str()) {
+            (Method::POST, "/v1/messages") => self.send(req).await,
+            (Method::GET, "/v1/messages") => self.pull(req).await,
+            (Method::POST, "/v1/ack") => self.ack(req).await,
+            (Method::GET, "/v1/hosts") => Ok(self.hosts()),
+            (Method::DELETE, p) if p.starts_with("/v1/hosts/") => {
+                self.remove_host(&p["/v1/hosts/".len()..]).await
+            }
+            (Method::GET, "/healthz") => Ok(self.healthz().await),
+            (Method::GET, "/metrics") => Ok(text(self.store.metrics())),
+            (_, "/v1/messages" | "/v1/ack" | "/v1/hosts" | "/healthz" | "/metrics") => {
+                Err(Refusal(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{method} is not allowed on {path}"),
+                ))
+            }
+            _ => Err(Refusal(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {path}"),
+            )),
+        };
+        result.unwrap_or_else(|Refusal(status, message)| {
+            tracing::debug!(%method, %path, %status, %message, "request refused");
+            error(status, &message)
+        })
+    }
+
+    /// `POST /v1/messages`: one message, or `{"messages": [...]}`.
+    async fn send(&self, req: Request<Incoming>) -> Handled {
+        let body = read_body(req, self.max_send_body()).await?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::bad_request(format!("body is not JSON: {e}")))?;
+        let (items, batch) = match value {
+            Value::Object(mut map) if !map.contains_key("type") && map.contains_key("messages") => {
+                match map.remove("messages") {
+                    Some(Value::Array(items)) => (items, true),
+                    _ => return Err(Refusal::bad_request("`messages` must be an array")),
+                }
+            }
+            other => (vec![other], false),
+        };
+        let mut valid = Vec::with_capacity(items.len());
+        let mut slots: Vec<Result<usize, (Option<String>, Refusal)>> = Vec::new();
+        for item in items {
+            let id = item.get("id").and_then(Value::as_str).map(str::to_string);
+            match self.check_message(item) {
+                Ok(message) => {
+                    slots.push(Ok(valid.len()));
+                    valid.push(message);
+                }
+                Err(refusal) if !batch => return Err(refusal),
+                Err(refusal) => slots.push(Err((id, refusal))),
+            }
+        }
+        let mut sources: Vec<&str> = valid.iter().map(|m| m.source.as_str()).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        for source in sources {
+            self.register(source).await?;
+        }
+        let ids: Vec<Uuid> = valid.iter().map(|m| m.id).collect();
+        let outcomes = if valid.is_empty() {
+            Vec::new()
+        } else {
+            self.store.enqueue(valid).await
+        };
+        self.send_answer(batch, &ids, &outcomes, slots)
+    }
+
+    /// Builds the answer of a send. A batch answers 200 unless some message was refused for
+    /// a reason that a retry may cure (429, 507, 5xx): then that status, with the same body,
+    /// so the sender keeps those and learns which ones were accepted.
+    fn send_answer(
+        &self,
+        batch: bool,
+        ids: &[Uuid],
+        outcomes: &[Enqueued],
+        slots: Vec<Result<usize, (Option<String>, Refusal)>>,
+    ) -> Handled {
+        let mut accepted = Vec::new();
+        let mut duplicates = Vec::new();
+        let mut rejected = Vec::new();
+        let mut status = StatusCode::OK;
+        for slot in slots {
+            match slot {
+                Ok(i) => match &outcomes[i] {
+                    Enqueued::Accepted(_) => accepted.push(ids[i].to_string()),
+                    Enqueued::Duplicate => duplicates.push(ids[i].to_string()),
+                    Enqueued::Refused(code, why) => {
+                        let code = StatusCode::from_u16(*code)
+                            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                        if !batch {
+                            return Err(Refusal(code, why.clone()));
+                        }
+                        status = worse(status, code);
+                        rejected.push(json!({"id": ids[i], "status": code.as_u16(), "error": why}));
+                    }
+                },
+                Err((id, Refusal(code, why))) => {
+                    rejected.push(json!({"id": id, "status": code.as_u16(), "error": why}));
+                }
+            }
+        }
+        Ok(json_answer(
+            status,
+            &json!({"accepted": accepted, "duplicates": duplicates, "rejected": rejected}),
+        ))
+    }
+
+    /// Validates one message of a send. The hub fills a missing id, time and priority, but
+    /// needs `source` to route a broadcast.
+    fn check_message(&self, item: Value) -> Result<Message, Refusal> {
+        let size = serde_json::to_vec(&item)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > self.max_message_bytes {
+            return Err(Refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "message is {size} bytes; the limit is {}",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        let source = item
+            .get("source")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let Some(source) = source else {
+            return Err(Refusal::bad_request("missing field `source`"));
+        };
+        Message::complete(item, &source).map_err(Refusal::bad_request)
+    }
+
+    /// `GET /v1/messages?host=H&wait=S&max=N`: the host's next messages, waiting up to S
+    /// seconds for one to arrive.
+    async fn pull(&self, req: Request<Incoming>) -> Handled {
+        let query = Query::parse(req.uri().query().unwrap_or(""))?;
+        let host = query
+            .host
+            .ok_or_else(|| Refusal::bad_request("missing query parameter `host`"))?;
+        self.register(&host).await?;
+        let deadline = tokio::time::Instant::now() + query.wait.min(MAX_WAIT);
+        let notify = self.store.waiter(&host);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Registered before the fetch: a message committed after it wakes us.
+            notified.as_mut().enable();
+            let messages = self.store.fetch(&host, query.max).await.map_err(internal)?;
+            if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(messages_answer(&messages));
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => return Ok(messages_answer(&[])),
+            }
+        }
+    }
+
+    /// `POST /v1/ack`: `{"host": H, "ids": [...]}`.
+    async fn ack(&self, req: Request<Incoming>) -> Handled {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Ack {
+            host: String,
+            ids: Vec<Uuid>,
+        }
+        let body = read_body(req, MAX_SMALL_BODY).await?;
+        let ack: Ack = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::bad_request(format!("invalid ack: {e}")))?;
+        validate_name("host", &ack.host).map_err(Refusal::bad_request)?;
+        self.register(&ack.host).await?;
+        let acked = self.store.ack(&ack.host, ack.ids).await.map_err(internal)?;
+        Ok(json_answer(StatusCode::OK, &json!({ "acked": acked })))
+    }
+
+    fn hosts(&self) -> Answer {
+        json_answer(StatusCode::OK, &json!({ "hosts": self.store.hosts() }))
+    }
+
+    async fn remove_host(&self, host: &str) -> Handled {
+        validate_name("host", host).map_err(Refusal::bad_request)?;
+        match self.store.remove_host(host).await.map_err(internal)? {
+            Some(dropped) => Ok(json_answer(
+                StatusCode::OK,
+                &json!({"removed": host, "dropped": dropped}),
+            )),
+            None => Err(Refusal(StatusCode::NOT_FOUND, format!("no host {host}"))),
+        }
+    }
+
+    async fn healthz(&self) -> Answer {
+        match self.store.health().await {
+            Ok(()) => json_answer(StatusCode::OK, &json!({"status": "ok"})),
+            Err(why) => json_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "error", "error": why}),
+            ),
+        }
+    }
+
+    async fn register(&self, host: &str) -> Result<(), Refusal> {
+        self.store.register(host).await.map_err(|e| {
+            if e.is_storage_full() {
+                Refusal(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient storage at the hub".into(),
+                )
+            } else {
+                internal(e)
+            }
+        })
+    }
+}
+
+/// The more serious of two statuses, for a batch's overall answer.
+fn worse(a: StatusCode, b: StatusCode) -> StatusCode {
+    let rank = |s: StatusCode| match s.as_u16() {
+        200 => 0,
+        429 => 1,
+        500..=506 | 508.. => 2,
+        507 => 3,
+        _ => 0,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// A store failure: logged in full here, answered without internals.
+fn internal(err: crate::error::Error) -> Refusal {
+    tracing::error!(%err, "store failure");
+    Refusal(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error; see the hub's log".into(),
+    )
+}
+
+struct Query {
+    host: Option<String>,
+    wait: Duration,
+    max: usize,
+}
+
+impl Query {
+    fn parse(query: &str) -> Result<Query, Refusal> {
+        let mut parsed = Query {
+            host: None,
+            wait: Duration::ZERO,
+            max: DEFAULT_FETCH,
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "host" => {
+                    validate_name("host", value).map_err(Refusal::bad_request)?;
+                    parsed.host = Some(value.to_string());
+                }
+                "wait" => {
+                    let seconds: f64 = value
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                        .ok_or_else(|| {
+                            Refusal::bad_request(format!(
+                                "invalid wait {value:?}: seconds, 0 to 60"
+                            ))
+                        })?;
+                    parsed.wait = Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64()));
+                }
+                "max" => {
+                    parsed.max = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_FETCH).contains(n))
+                        .ok_or_else(|| {
+                            Refusal::bad_request(format!("invalid max {value:?}: 1 to {MAX_FETCH}"))
+                        })?;
+                }
+                _ => {
+                    return Err(Refusal::bad_request(format!(
+                        "unknown query parameter {key:?}"
+                    )));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Err(_) => Err(Refusal::bad_request("could not read the request body")),
+    }
+}
+
+fn too_large(limit: usize) -> Refusal {
+    Refusal(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is over the limit of {limit} bytes"),
+    )
+}
+
+/// `{"messages": [...]}` assembled from the stored JSON without parsing it again.
+fn messages_answer(messages: &[Bytes]) -> Answer {
+    let size = messages.iter().map(Bytes::len).sum::<usize>() + messages.len() + 16;
+    let mut body = BytesMut::with_capacity(size);
+    body.extend_from_slice(b"{\"messages\":[");
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            body.extend_from_slice(b",");
+        }
+        body.extend_from_slice(message);
+    }
+    body.extend_from_slice(b"]}");
+    bytes_answer(StatusCode::OK, "application/json", body.freeze())
+}
+
+fn json_answer(status: StatusCode, value: &Value) -> Answer {
+    let body = serde_json::to_vec(value).expect("a JSON value serializes");
+    bytes_answer(status, "application/json", Bytes::from(body))
+}
+
+fn text(body: String) -> Answer {
+    bytes_answer(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        Bytes::from(body),
+    )
+}
+
+/// The one way an error becomes an answer.
+pub fn error(status: StatusCode, message: &str) -> Answer {
+    json_answer(status, &json!({ "error": message }))
+}
+
+fn bytes_answer(status: StatusCode, content_type: &'static str, body: Bytes) -> Answer {
+    let mut answer = Response::new(Full::new(body));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_checked() {
+        let q = Query::parse("host=a&wait=5&max=10").ok().unwrap();
+        assert_eq!(q.host.as_deref(), Some("a"));
+        assert_eq!(q.wait, Duration::from_secs(5));
+        assert_eq!(q.max, 10);
+        let q = Query::parse("host=a&wait=600").ok().unwrap();
+        assert_eq!(q.wait, MAX_WAIT);
+        for bad in [
+            "host=../x",
+            "wait=-1",
+            "wait=nan",
+            "max=0",
+            "max=5000",
+            "bogus=1",
+        ] {
+            assert!(Query::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_worst_status_wins() {
+        let ok = StatusCode::OK;
+        assert_eq!(
+            worse(ok, StatusCode::TOO_MANY_REQUESTS),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            worse(
+                StatusCode::INSUFFICIENT_STORAGE,
+                StatusCode::TOO_MANY_REQUESTS
+            ),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+    }
+}

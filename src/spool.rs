@@ -1,0 +1,301 @@
+//! Atomic, durable file queues: the one way mesync writes, moves and lists queue files.
+//!
+//! A file lands in a queue in four steps: write it under a dot-prefixed temporary name in the
+//! same directory, make its data durable, rename(2) it to its final name, make the rename
+//! durable. Readers ignore dot-files, so nobody sees half a file, and a crash (of the process
+//! or of the machine) leaves either the old state or the new.
+//!
+//! Making things durable is the expensive part, so [`Commit`] does it for many files at once
+//! (group commit). A few files are flushed one by one (fsync each file, then each directory);
+//! many are flushed with one `syncfs(2)` per file system, which costs about what one fsync
+//! does. The data is flushed before the renames that publish it and the renames are flushed
+//! before the commit returns, so a machine crash never leaves a published file without its
+//! data.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::error::{IoContext, Result};
+
+/// Above this many files a commit flushes the whole file system once instead of each file.
+/// Below it, per-file fsync avoids flushing other programs' unrelated dirty data.
+const SYNCFS_THRESHOLD: usize = 4;
+
+/// A dot-file older than this is debris from a crash.
+pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
+
+/// A group of file changes made durable together.
+#[derive(Default)]
+pub struct Commit {
+    /// Files whose data must be durable (kept open to fsync them).
+    files: Vec<(PathBuf, File)>,
+    /// Directories whose entries changed.
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl Commit {
+    pub fn new() -> Commit {
+        Commit::default()
+    }
+
+    /// Writes `bytes` to a new dot-prefixed temporary file in `dir` and returns its path.
+    /// The data is not durable until [`Commit::sync_data`].
+    pub fn write_temp(&mut self, dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let path = dir.join(temp_name(name));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("create", &path)?;
+        if let Err(e) = file.write_all(bytes) {
+            let _ = fs::remove_file(&path);
+            return Err(e).ctx("write", &path);
+        }
+        self.files.push((path.clone(), file));
+        self.dirs.insert(dir.to_path_buf());
+        Ok(path)
+    }
+
+    /// Adds an already written file (e.g. an append-only log) whose data must be durable.
+    pub fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).ctx("open", path)?;
+        self.files.push((path.to_path_buf(), file));
+        if let Some(dir) = path.parent() {
+            self.dirs.insert(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Records that entries of `dir` changed (a rename, link or new file in it).
+    pub fn touch_dir(&mut self, dir: &Path) {
+        self.dirs.insert(dir.to_path_buf());
+    }
+
+    /// Makes the data of every written file durable.
+    pub fn sync_data(&mut self) -> Result<()> {
+        if self.uses_syncfs() {
+            let dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
+            return syncfs_each(&dirs);
+        }
+        for (path, file) in &self.files {
+            file.sync_data().ctx("fsync", path)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the directory entries (renames, links) durable.
+    pub fn sync_dirs(&mut self) -> Result<()> {
+        let dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
+        if self.uses_syncfs() {
+            return syncfs_each(&dirs);
+        }
+        for dir in &dirs {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    fn uses_syncfs(&self) -> bool {
+        cfg!(target_os = "linux") && self.files.len().max(self.dirs.len()) > SYNCFS_THRESHOLD
+    }
+}
+
+/// One file to publish with [`publish`].
+pub struct NewFile<'a> {
+    pub dir: &'a Path,
+    pub name: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// Publishes files atomically and durably, as one group commit: when it returns `Ok`, every
+/// file is in place and durable; after a crash, each file is either whole or absent.
+pub fn publish(files: &[NewFile<'_>]) -> Result<()> {
+    let mut commit = Commit::new();
+    let mut temps = Vec::with_capacity(files.len());
+    for file in files {
+        match commit.write_temp(file.dir, file.name, file.bytes) {
+            Ok(temp) => temps.push(temp),
+            Err(e) => {
+                remove_all(&temps);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = commit.sync_data() {
+        remove_all(&temps);
+        return Err(e);
+    }
+    for (file, temp) in files.iter().zip(&temps) {
+        let target = file.dir.join(file.name);
+        if let Err(e) = fs::rename(temp, &target) {
+            remove_all(&temps);
+            return Err(e).ctx("rename into place", &target);
+        }
+    }
+    commit.sync_dirs()
+}
+
+/// Writes one file atomically and durably.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    publish(&[NewFile { dir, name, bytes }])
+}
+
+/// Moves `from` to `to_dir/to_name` with rename(2). When `durable`, both directories are
+/// flushed before it returns.
+pub fn move_file(from: &Path, to_dir: &Path, to_name: &str, durable: bool) -> Result<PathBuf> {
+    let to = to_dir.join(to_name);
+    fs::rename(from, &to).ctx("move", from)?;
+    if durable {
+        sync_dir(to_dir)?;
+        if let Some(from_dir) = from.parent() {
+            sync_dir(from_dir)?;
+        }
+    }
+    Ok(to)
+}
+
+/// fsync on a directory: makes the creations, renames and removals in it durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
+}
+
+/// Creates `dir` (and its parents) if missing.
+pub fn ensure_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).ctx("create directory", dir)
+}
+
+/// The queue entries of `dir`: regular files whose names do not start with a dot, sorted
+/// by name. A missing directory is an empty queue.
+pub fn list(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).ctx("list", dir),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.ctx("list", dir)?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue; // Not UTF-8: never a name mesync wrote; left alone.
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Removes dot-files in `dir` last modified more than `age` ago: temporary files left by a
+/// crash. Returns how many were removed.
+pub fn remove_debris(dir: &Path, age: Duration) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| now.duration_since(modified).is_ok_and(|d| d > age));
+        if old && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn temp_name(name: &str) -> String {
+    format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// One `syncfs(2)` per distinct file system among `dirs`.
+#[cfg(target_os = "linux")]
+fn syncfs_each(dirs: &[PathBuf]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+
+    let mut seen = BTreeSet::new();
+    for dir in dirs {
+        let handle = File::open(dir).ctx("open directory", dir)?;
+        let dev = handle.metadata().ctx("stat", dir)?.dev();
+        if !seen.insert(dev) {
+            continue;
+        }
+        // SAFETY: syncfs only reads the descriptor, which `handle` keeps open.
+        if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error()).ctx("syncfs", dir);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn syncfs_each(dirs: &[PathBuf]) -> Result<()> {
+    // Never reached: uses_syncfs() is false off Linux. Flush the directories to be safe.
+    for dir in dirs {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_leaves_only_final_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..10).map(|i| format!("m{i}.json")).collect();
+        let files: Vec<NewFile<'_>> = names
+            .iter()
+            .map(|n| NewFile {
+                dir: tmp.path(),
+                name: n,
+                bytes: b"{}",
+            })
+            .collect();
+        publish(&files).unwrap();
+        assert_eq!(list(tmp.path()).unwrap(), names);
+        let all = fs::read_dir(tmp.path()).unwrap().count();
+        assert_eq!(all, 10, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn debris_is_removed_only_when_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(".x.tmp"), b"half").unwrap();
+        fs::write(tmp.path().join("keep.json"), b"{}").unwrap();
+        assert_eq!(remove_debris(tmp.path(), DEBRIS_AGE).unwrap(), 0);
+        assert_eq!(remove_debris(tmp.path(), Duration::ZERO).unwrap(), 1);
+        assert_eq!(list(tmp.path()).unwrap(), vec!["keep.json".to_string()]);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("nope");
+        let err = write_atomic(&missing, "a.json", b"{}").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert!(list(tmp.path()).unwrap().is_empty());
+    }
+}
