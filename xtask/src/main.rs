@@ -1,0 +1,37 @@
+//! `cargo xtask <task>`: the project's own tooling. This file only dispatches; each task
+//! lives in its own module.
+//!
+//! Tasks:
+//! - `bench [--short]`: starts a real hub and real agents (release build) on loopback in a
+//!   temporary directory and prints the latency from an outbox file appearing on one agent
+//!   to the message being in another agent's inbox, and to its hook starting.
+
+mod bench;
+mod procs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::run(&args[1..]),
+        Some(other) => Err(format!("unknown task {other:?}\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback";
+
+/// The workspace root, from this crate's manifest dir.
+pub fn project_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}

@@ -1,0 +1,127 @@
+//! Starting the real `mesync` binary as a hub or an agent, for benchmarks.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::project_root;
+
+/// Builds the release binary and returns its path.
+pub fn build_release() -> Result<PathBuf, String> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "mesync"])
+        .current_dir(project_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build --release failed".into());
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| project_root().join("target"));
+    Ok(target.join("release").join("mesync"))
+}
+
+/// A child process killed when dropped.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `mesync` command with no MESYNC_* variables inherited from the caller.
+fn command(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("MESYNC_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.env("RUST_LOG", "warn,mesync=info");
+    command
+}
+
+/// Starts a hub on an ephemeral loopback port; returns it and its address.
+pub fn start_hub(binary: &Path, data_dir: &Path) -> Result<(Proc, String), String> {
+    let mut child = command(binary)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the hub: {e}"))?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let proc = Proc(child);
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the hub did not say where it listens".to_string())?;
+    Ok((proc, addr))
+}
+
+/// Starts an agent with its own base dir.
+pub fn start_agent(binary: &Path, base: &Path, host: &str, addr: &str) -> Result<Proc, String> {
+    for dir in ["outbox", "inbox", "sent", "failed", "hooks", "state"] {
+        std::fs::create_dir_all(base.join(dir)).map_err(|e| format!("{}: {e}", base.display()))?;
+    }
+    let child = command(binary)
+        .arg("start")
+        .env("MESYNC_BASE_DIR", base)
+        .env("MESYNC_HOST_ID", host)
+        .env("MESYNC_SERVER_URL", format!("http://{addr}"))
+        .env("HOME", base)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start agent {host}: {e}"))?;
+    Ok(Proc(child))
+}
+
+/// A plain HTTP GET; the body.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(format!("timed out waiting for {what}"))
+}
