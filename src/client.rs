@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::error::{Error, Result};
 
 /// A failed exchange with the hub.
@@ -69,6 +69,7 @@ pub struct HubClient {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
     timeout: Duration,
+    token: Option<Secret>,
 }
 
 impl HubClient {
@@ -78,6 +79,9 @@ impl HubClient {
                 "server_url {}: https is not available in this build; use http://",
                 config.server_url
             )));
+        }
+        if config.ca_file.is_some() || config.client_cert.is_some() || config.client_key.is_some() {
+            tracing::warn!("ca_file, client_cert and client_key apply to https:// hubs only; ignored");
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -91,6 +95,7 @@ impl HubClient {
             client,
             base: config.server_url.trim_end_matches('/').to_string(),
             timeout: config.http_timeout,
+            token: config.token.clone(),
         })
     }
 
@@ -162,6 +167,9 @@ impl HubClient {
         let mut builder = Request::builder().method(method).uri(&uri);
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.token {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {}", token.expose()));
         }
         let request = builder
             .body(Full::new(body.unwrap_or_default()))

@@ -442,9 +442,7 @@ fn home_dir(env: &impl Fn(&str) -> Option<String>) -> Result<PathBuf> {
 pub fn system_hostname() -> Result<String> {
     let name = nix::unistd::gethostname()
         .map_err(|e| Error::Config(format!("cannot read the hostname: {e}; set MESYNC_HOST_ID")))?;
-    let name = name.to_string_lossy();
-    // A fully qualified hostname identifies the host by its first label, as `hostname -s`.
-    Ok(name.to_string())
+    Ok(name.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

@@ -53,6 +53,13 @@ pub async fn run(
     listeners: Vec<std::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    if config.tls_cert.is_some() || config.tls_key.is_some() || config.client_ca.is_some() {
+        // Serving plain HTTP where TLS was asked for would expose what the operator meant
+        // to protect: refuse to start instead.
+        return Err(Error::Config(
+            "[hub] tls_cert, tls_key and client_ca are not supported by this build; remove them to serve plain HTTP".into(),
+        ));
+    }
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
     let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, max_pending))
