@@ -81,7 +81,9 @@ impl HubClient {
             )));
         }
         if config.ca_file.is_some() || config.client_cert.is_some() || config.client_key.is_some() {
-            tracing::warn!("ca_file, client_cert and client_key apply to https:// hubs only; ignored");
+            tracing::warn!(
+                "ca_file, client_cert and client_key apply to https:// hubs only; ignored"
+            );
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

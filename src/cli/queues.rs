@@ -155,9 +155,11 @@ pub fn retry(config: &Config, ids: &[String]) -> Result<()> {
                 _ => continue,
             }
         }
+        // The reason goes first: once the file is back in outbox/, a running agent may fail
+        // it again at once and write a new reason that must not be removed.
+        let _ = fs::remove_file(failed.join(format!("{name}{REASON_SUFFIX}")));
         let target = unused_name(&outbox, original_name(&name));
         spool::move_file(&path, &outbox, &target, true)?;
-        let _ = fs::remove_file(failed.join(format!("{name}{REASON_SUFFIX}")));
         moved += 1;
     }
     if let Some(missing) = wanted.iter().find(|id| !found.contains(id)) {
