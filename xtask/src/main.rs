@@ -7,6 +7,9 @@
 //!   to the message being in another agent's inbox, and to its hook starting.
 
 mod bench;
+mod disk;
+mod light;
+mod peers;
 mod procs;
 
 use std::path::PathBuf;

@@ -28,6 +28,12 @@ pub fn build_release() -> Result<PathBuf, String> {
 /// A child process killed when dropped.
 pub struct Proc(Child);
 
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
