@@ -67,17 +67,18 @@ impl Message {
         if !fields.contains_key("type") {
             return Err("not a valid message: missing field `type`".to_string());
         }
-        let now = Timestamp::now();
-        let defaults = [
-            ("id", Value::String(Uuid::new_v4().to_string())),
-            ("source", Value::String(host_id.to_string())),
-            ("created_at", Value::String(now.to_string())),
-            ("priority", Value::String("normal".to_string())),
-            ("target", Value::Null),
-            ("payload", Value::Null),
+        let defaults: [(&str, &dyn Fn() -> Value); 6] = [
+            ("id", &|| Value::String(Uuid::new_v4().to_string())),
+            ("source", &|| Value::String(host_id.to_string())),
+            ("created_at", &|| {
+                Value::String(Timestamp::now().to_string())
+            }),
+            ("priority", &|| Value::String("normal".to_string())),
+            ("target", &|| Value::Null),
+            ("payload", &|| Value::Null),
         ];
         for (key, default) in defaults {
-            fields.entry(key).or_insert(default);
+            fields.entry(key).or_insert_with(default);
         }
         let message: Message = serde_json::from_value(Value::Object(fields))
             .map_err(|e| format!("not a valid message: {e}"))?;

@@ -189,8 +189,10 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).ctx("create directory", dir)
 }
 
-/// The queue entries of `dir`: regular files whose names do not start with a dot, sorted
-/// by name. A missing directory is an empty queue.
+/// The queue entries of `dir`: names that do not start with a dot, sorted. A missing
+/// directory is an empty queue. Entries are not stat'ed (on file systems that do not record
+/// the file type in the directory, that would be one more system call per file for every
+/// scan); a reader that finds a directory among them treats it as an unreadable entry.
 pub fn list(dir: &Path) -> Result<Vec<String>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -203,10 +205,7 @@ pub fn list(dir: &Path) -> Result<Vec<String>> {
         let Ok(name) = entry.file_name().into_string() else {
             continue; // Not UTF-8: never a name mesync wrote; left alone.
         };
-        if name.starts_with('.') {
-            continue;
-        }
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
+        if !name.starts_with('.') {
             names.push(name);
         }
     }

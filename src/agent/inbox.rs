@@ -25,7 +25,7 @@ use crate::spool::Commit;
 /// How long one long-poll waits at the hub for a message.
 const LONG_POLL: Duration = Duration::from_secs(30);
 /// Most messages per pull.
-const MAX_PULL: usize = 256;
+const MAX_PULL: usize = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 

@@ -44,8 +44,8 @@ pub struct Agent {
     pub ledger: Mutex<Ledger>,
     /// Woken when the inbox loop delivered messages whose hooks must run.
     pub hooks_wake: Notify,
-    /// Woken by the file watcher when `outbox/` changes.
-    pub outbox_wake: Arc<Notify>,
+    /// What the file watcher saw in `outbox/`.
+    pub outbox_events: Arc<outbox::OutboxEvents>,
     pub status: Mutex<Status>,
     pub shutdown: CancellationToken,
 }
@@ -92,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         client,
         ledger: Mutex::new(ledger),
         hooks_wake: Notify::new(),
-        outbox_wake: Arc::new(Notify::new()),
+        outbox_events: Arc::default(),
         status: Mutex::new(status),
         shutdown: shutdown.clone(),
         config,
@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         base = %agent.config.base_dir.display(),
         "agent started"
     );
-    let _watcher = outbox::watch(&agent.config.outbox_dir(), Arc::clone(&agent.outbox_wake));
+    let _watcher = outbox::watch(&agent.config.outbox_dir(), Arc::clone(&agent.outbox_events));
 
     let sender = tokio::spawn(outbox::run(Arc::clone(&agent)));
     let puller = tokio::spawn(inbox::run(Arc::clone(&agent)));
@@ -189,6 +189,9 @@ pub fn purge_sent(dir: &Path, ttl: Duration) -> Result<usize> {
         let Ok(meta) = fs::metadata(&path) else {
             continue;
         };
+        if !meta.is_file() {
+            continue;
+        }
         let changed = meta.ctime() as f64 + meta.ctime_nsec() as f64 / 1e9;
         if now - changed >= ttl.as_secs_f64() {
             match fs::remove_file(&path) {

@@ -7,10 +7,13 @@
 //! completed (id, source, time...) and rewritten in place atomically, so a retry after a
 //! crash sends the same id and the hub recognises it.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -26,7 +29,7 @@ use crate::message::Message;
 use crate::spool;
 
 /// Most messages per POST.
-const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 1000;
 /// Most bytes of messages per POST (the hub takes at least 8 MiB).
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// An unparsable file younger than this may still be being written: look again later
@@ -38,11 +41,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The suffix of the file beside a failed message that says why it failed.
 pub const REASON_SUFFIX: &str = ".reason";
 
-/// A message ready to send, and the outbox file it came from.
+/// A message ready to send, the outbox file it came from, and its JSON.
 struct Ready {
     file: String,
     message: Message,
+    json: Vec<u8>,
 }
+
+/// The outbox files read so far, by name. Each file is read and parsed once, however often
+/// the outbox is scanned while a backlog drains.
+type Known = HashMap<String, Arc<Ready>>;
 
 /// How a pass over the outbox ended.
 enum Pass {
@@ -61,16 +69,50 @@ pub fn put(config: &Config, message: &Message) -> Result<()> {
     spool::write_atomic(&outbox, &message.file_name(), &message.to_json())
 }
 
-/// Watches `outbox/` and wakes the sender on every new file. Returns the watcher, which
-/// must be kept alive; `None` (with a warning) where no watcher can be set up, leaving the
-/// periodic scan alone.
-pub fn watch(dir: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    let handler = move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if matches!(event.kind, EventKind::Remove(_) | EventKind::Access(_)) => {}
-        // Anything else, errors and queue overflows included, is worth a look.
-        _ => wake.notify_one(),
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
+/// What the file watcher tells the sender: the names of files that appeared, or that it
+/// lost track (a queue overflow) and the whole directory must be read again.
+#[derive(Default)]
+pub struct OutboxEvents {
+    wake: Notify,
+    names: Mutex<Vec<String>>,
+    rescan: AtomicBool,
+    /// False until a watcher runs: without one, every pass reads the whole directory.
+    watching: AtomicBool,
+}
+
+impl OutboxEvents {
+    fn note(&self, event: notify::Result<notify::Event>) {
+        match event {
+            Ok(event) if event.need_rescan() => self.rescan.store(true, Ordering::SeqCst),
+            Ok(event) => match event.kind {
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
+                    let names = event
+                        .paths
+                        .iter()
+                        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+                        .filter(|n| !n.starts_with('.'));
+                    self.names
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(names);
+                }
+                EventKind::Remove(_) | EventKind::Access(_) => return,
+            },
+            Err(_) => self.rescan.store(true, Ordering::SeqCst),
+        }
+        self.wake.notify_one();
+    }
+
+    fn take_names(&self) -> Vec<String> {
+        std::mem::take(&mut *self.names.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Watches `outbox/`, feeding `events`. Returns the watcher, which must be kept alive;
+/// `None` (with a warning) where no watcher can be set up, leaving the periodic scan alone.
+pub fn watch(dir: &Path, events: Arc<OutboxEvents>) -> Option<notify::RecommendedWatcher> {
+    let feed = Arc::clone(&events);
+    let mut watcher = match notify::recommended_watcher(move |e| feed.note(e)) {
         Ok(watcher) => watcher,
         Err(err) => {
             tracing::warn!(%err, "no file watcher; new outbox files wait for the periodic scan");
@@ -81,14 +123,31 @@ pub fn watch(dir: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher
         tracing::warn!(%err, dir = %dir.display(), "cannot watch outbox/; relying on the periodic scan");
         return None;
     }
+    events.watching.store(true, Ordering::SeqCst);
     Some(watcher)
 }
 
-/// The sender loop.
+/// The sender loop. A pass reads the files the watcher named; the whole directory is read
+/// at the first pass, at least every `poll_interval`, and whenever the watcher lost track
+/// (reading a directory of thousands of files on every event would cost more than sending
+/// them).
 pub async fn run(agent: Arc<Agent>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut known = Known::new();
+    let mut last_full_scan: Option<Instant> = None;
     loop {
-        let pass = send_pass(&agent).await;
+        let events = &agent.outbox_events;
+        let full = !events.watching.load(Ordering::SeqCst)
+            || events.rescan.swap(false, Ordering::SeqCst)
+            || last_full_scan.is_none_or(|t| t.elapsed() >= agent.config.poll_interval);
+        let names = if full {
+            last_full_scan = Some(Instant::now());
+            events.take_names();
+            None
+        } else {
+            Some(events.take_names())
+        };
+        let pass = send_pass(&agent, &mut known, names).await;
         let (wait, wake_early) = match pass {
             Pass::Done => {
                 backoff.reset();
@@ -106,7 +165,7 @@ pub async fn run(agent: Arc<Agent>) {
             return;
         }
         tokio::select! {
-            _ = agent.outbox_wake.notified(), if wake_early => {}
+            _ = agent.outbox_events.wake.notified(), if wake_early => {}
             _ = tokio::time::sleep(wait) => {}
             _ = agent.shutdown.cancelled() => return,
         }
@@ -114,12 +173,21 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 /// Sends everything in the outbox now, batch by batch.
-async fn send_pass(agent: &Arc<Agent>) -> Pass {
+async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<String>>) -> Pass {
     let config = agent.config.clone();
-    let scanned = tokio::task::spawn_blocking(move || scan(&config)).await;
-    let (mut ready, soon) = match scanned {
-        Ok(Ok(scanned)) => scanned,
-        Ok(Err(err)) => {
+    let mut cache = std::mem::take(known);
+    let scanned = tokio::task::spawn_blocking(move || {
+        let soon = scan(&config, &mut cache, names);
+        (cache, soon)
+    })
+    .await;
+    let soon = match scanned {
+        Ok((cache, Ok(soon))) => {
+            *known = cache;
+            soon
+        }
+        Ok((cache, Err(err))) => {
+            *known = cache;
             tracing::error!(%err, "cannot read outbox/");
             return Pass::Soon;
         }
@@ -128,29 +196,97 @@ async fn send_pass(agent: &Arc<Agent>) -> Pass {
             return Pass::Soon;
         }
     };
+    let mut ready: Vec<Arc<Ready>> = known.values().cloned().collect();
     ready.sort_by(|a, b| a.message.send_order(&b.message));
     let mut rest = ready.as_slice();
+    let mut result = if soon { Pass::Soon } else { Pass::Done };
+    // The files of one batch are moved out of outbox/ while the next batch is on the wire.
+    let mut filing: Option<tokio::task::JoinHandle<Filing>> = None;
     while !rest.is_empty() {
         if agent.shutdown.is_cancelled() {
-            return Pass::Done;
+            break;
         }
         let take = batch_len(rest);
         let (batch, tail) = rest.split_at(take);
         rest = tail;
-        if let Err(err) = send_batch(agent, batch).await {
-            return Pass::Transient(err);
+        let mut answered = Filing::default();
+        let sent = send_batch(agent, batch, &mut answered).await;
+        if let Some(previous) = filing.take() {
+            forget_filed(known, previous.await);
+        }
+        let config = agent.config.clone();
+        filing = Some(tokio::task::spawn_blocking(move || answered.file(&config)));
+        if let Err(err) = sent {
+            result = Pass::Transient(err);
+            break;
         }
     }
-    if soon { Pass::Soon } else { Pass::Done }
+    if let Some(last) = filing {
+        forget_filed(known, last.await);
+    }
+    result
+}
+
+/// Forgets the files that left the outbox; what stays is tried again.
+fn forget_filed(known: &mut Known, filed: Result<Filing, tokio::task::JoinError>) {
+    if let Ok(filed) = filed {
+        for name in filed
+            .sent
+            .iter()
+            .map(|(f, _)| f)
+            .chain(filed.failed.iter().map(|(f, _)| f))
+        {
+            known.remove(name);
+        }
+    }
+}
+
+/// Where the hub's answers send outbox files: `sent` (file, name in sent/) and `failed`
+/// (file, reason).
+#[derive(Default)]
+struct Filing {
+    sent: Vec<(String, String)>,
+    failed: Vec<(String, String)>,
+}
+
+impl Filing {
+    /// Moves the files; returns what was moved (a file that could not be is left out, so it
+    /// stays known and is sent again, and the hub answers "duplicate").
+    fn file(mut self, config: &Config) -> Filing {
+        let outbox = config.outbox_dir();
+        let sent_dir = config.sent_dir();
+        // Not flushed: if a move is lost in a crash, the file is sent again and the hub
+        // answers "duplicate", which files it here again.
+        self.sent.retain(|(file, name)| {
+            match spool::move_file(&outbox.join(file), &sent_dir, name, false) {
+                Ok(_) => true,
+                Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => true,
+                Err(err) => {
+                    tracing::error!(%err, "cannot move a sent message out of outbox/");
+                    false
+                }
+            }
+        });
+        self.failed.retain(
+            |(file, reason)| match move_to_failed(config, file, reason) {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::error!(%err, "cannot move a refused message to failed/");
+                    false
+                }
+            },
+        );
+        self
+    }
 }
 
 /// How many of `ready` go into the next batch: up to [`MAX_BATCH`] messages and
 /// [`MAX_BATCH_BYTES`], at least one.
-fn batch_len(ready: &[Ready]) -> usize {
+fn batch_len(ready: &[Arc<Ready>]) -> usize {
     let mut bytes = 0;
     let mut n = 0;
     for item in ready.iter().take(MAX_BATCH) {
-        bytes += item.message.to_json().len();
+        bytes += item.json.len();
         if n > 0 && bytes > MAX_BATCH_BYTES {
             break;
         }
@@ -159,21 +295,26 @@ fn batch_len(ready: &[Ready]) -> usize {
     n.max(1)
 }
 
-/// Sends one batch and files each message by the hub's answer. A batch refused as a whole
-/// for a permanent reason is split, so one bad message cannot block the others.
-async fn send_batch(agent: &Arc<Agent>, batch: &[Ready]) -> Result<(), HubError> {
+/// Sends one batch and notes in `filing` where the hub's answer sends each message. A
+/// batch refused as a whole for a permanent reason is split, so one bad message cannot
+/// block the others.
+async fn send_batch(
+    agent: &Arc<Agent>,
+    batch: &[Arc<Ready>],
+    filing: &mut Filing,
+) -> Result<(), HubError> {
     let body = batch_body(batch);
     match agent.client.send(body).await {
         Ok((status, reply)) => {
             agent.hub_result(Ok(()));
-            let mut sent: Vec<(String, String)> = Vec::new();
-            let mut failed: Vec<(String, String)> = Vec::new();
             let mut transient = None;
             for item in batch {
                 let id = item.message.id;
                 if reply.accepted.contains(&id) || reply.duplicates.contains(&id) {
                     tracing::info!(%id, r#type = %item.message.kind, "sent");
-                    sent.push((item.file.clone(), item.message.file_name()));
+                    filing
+                        .sent
+                        .push((item.file.clone(), item.message.file_name()));
                 } else if let Some(r) = reply.rejected.iter().find(|r| r.id == Some(id)) {
                     if is_transient_status(r.status) {
                         transient = Some(HubError::Status {
@@ -181,18 +322,12 @@ async fn send_batch(agent: &Arc<Agent>, batch: &[Ready]) -> Result<(), HubError>
                             message: r.error.clone(),
                         });
                     } else {
-                        failed.push((
+                        filing.failed.push((
                             item.file.clone(),
                             format!("hub refused it ({}): {}", r.status, r.error),
                         ));
                     }
                 }
-            }
-            let config = agent.config.clone();
-            let filed =
-                tokio::task::spawn_blocking(move || file_results(&config, sent, failed)).await;
-            if let Ok(Err(err)) = filed {
-                tracing::error!(%err, "cannot move sent messages out of outbox/; they will be sent again and recognised as duplicates");
             }
             match transient {
                 Some(err) => Err(err),
@@ -207,56 +342,32 @@ async fn send_batch(agent: &Arc<Agent>, batch: &[Ready]) -> Result<(), HubError>
         Err(err) if batch.len() > 1 => {
             tracing::warn!(%err, messages = batch.len(), "batch refused; sending its messages one by one");
             for item in batch {
-                Box::pin(send_batch(agent, std::slice::from_ref(item))).await?;
+                Box::pin(send_batch(agent, std::slice::from_ref(item), filing)).await?;
             }
             Ok(())
         }
         Err(err) => {
             agent.hub_result(Ok(()));
-            let item = &batch[0];
-            let config = agent.config.clone();
-            let failed = vec![(item.file.clone(), format!("hub refused it: {err}"))];
-            let _ = tokio::task::spawn_blocking(move || file_results(&config, Vec::new(), failed))
-                .await;
+            filing
+                .failed
+                .push((batch[0].file.clone(), format!("hub refused it: {err}")));
             Ok(())
         }
     }
 }
 
-fn batch_body(batch: &[Ready]) -> Bytes {
-    let mut body = Vec::with_capacity(batch.len() * 400 + 16);
+fn batch_body(batch: &[Arc<Ready>]) -> Bytes {
+    let size = batch.iter().map(|r| r.json.len() + 1).sum::<usize>() + 16;
+    let mut body = Vec::with_capacity(size);
     body.extend_from_slice(b"{\"messages\":[");
     for (i, item) in batch.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&item.message.to_json());
+        body.extend_from_slice(&item.json);
     }
     body.extend_from_slice(b"]}");
     Bytes::from(body)
-}
-
-/// Moves sent files to `sent/` (under their canonical names) and refused ones to `failed/`.
-fn file_results(
-    config: &Config,
-    sent: Vec<(String, String)>,
-    failed: Vec<(String, String)>,
-) -> Result<()> {
-    let outbox = config.outbox_dir();
-    let sent_dir = config.sent_dir();
-    // Not flushed: if the move is lost in a crash, the file is sent again and the hub
-    // answers "duplicate", which files it here again.
-    for (file, name) in sent {
-        match spool::move_file(&outbox.join(&file), &sent_dir, &name, false) {
-            Ok(_) => {}
-            Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    for (file, reason) in failed {
-        move_to_failed(config, &file, &reason)?;
-    }
-    Ok(())
 }
 
 /// Moves `outbox/<file>` to `failed/` with a `<file>.reason` beside it.
@@ -278,35 +389,58 @@ pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads the outbox: the messages ready to send, and whether a file is worth another look
-/// soon. Invalid files go to `failed/`; hand-dropped ones are completed in place.
-fn scan(config: &Config) -> Result<(Vec<Ready>, bool)> {
+/// Reads outbox files not read before into `known`: the files `names` (from the watcher),
+/// or, when `None`, every file of the directory, forgetting files that are gone. Returns
+/// whether a file is worth another look soon. Invalid files go to `failed/`; hand-dropped
+/// ones are completed in place.
+fn scan(config: &Config, known: &mut Known, names: Option<Vec<String>>) -> Result<bool> {
     let outbox = config.outbox_dir();
-    let mut ready = Vec::new();
+    let names = match names {
+        Some(names) => names,
+        None => {
+            let names = spool::list(&outbox)?;
+            let present: HashSet<&String> = names.iter().collect();
+            known.retain(|name, _| present.contains(name));
+            names
+        }
+    };
     let mut soon = false;
-    for file in spool::list(&outbox)? {
-        let path = outbox.join(&file);
+    for file in &names {
+        if known.contains_key(file) {
+            continue;
+        }
+        let path = outbox.join(file);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+                tracing::debug!(%file, "ignoring a directory in outbox/");
+                continue;
+            }
             Err(e) => return Err(e).ctx("read", &path),
         };
         match read_message(&bytes, &config.host_id) {
             Ok((message, completed)) => {
+                let json = message.to_json();
                 if completed {
-                    spool::write_atomic(&outbox, &file, &message.to_json())?;
+                    spool::write_atomic(&outbox, file, &json)?;
                     tracing::info!(id = %message.id, %file, "completed a hand-dropped message");
                 }
-                ready.push(Ready { file, message });
+                let ready = Ready {
+                    file: file.clone(),
+                    message,
+                    json,
+                };
+                known.insert(file.clone(), Arc::new(ready));
             }
             Err(reason) if is_young(&path) => {
                 tracing::debug!(%file, %reason, "unreadable outbox file may still be being written");
                 soon = true;
             }
-            Err(reason) => move_to_failed(config, &file, &reason)?,
+            Err(reason) => move_to_failed(config, file, &reason)?,
         }
     }
-    Ok((ready, soon))
+    Ok(soon)
 }
 
 /// Parses an outbox file: a full message, or one to complete (then `true`).

@@ -188,6 +188,7 @@ pub fn flush(config: &Config, queue: FlushQueue) -> Result<()> {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {}
             Err(e) => return Err(e).ctx("remove", &path),
         }
     }

@@ -39,7 +39,7 @@ use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, SystemTime};
 
@@ -55,8 +55,12 @@ use crate::spool::{self, Commit};
 
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
 const MAX_COMMIT_MESSAGES: usize = 4096;
-/// Most files kept in `spare/` for reuse.
-const MAX_SPARE_FILES: usize = 4096;
+/// Most files kept in `spare/` for reuse. They are emptied, so a spare costs an inode and
+/// no data block.
+const MAX_SPARE_FILES: usize = 65_536;
+/// Most bytes of pending messages also kept in memory, so that a host that keeps up is
+/// served without reading its files back. Beyond this, messages are read from disk.
+const MAX_CACHED_BYTES: usize = 64 * 1024 * 1024;
 
 /// What became of one message handed to [`Store::enqueue`].
 #[derive(Debug, Clone, PartialEq)]
@@ -123,6 +127,8 @@ struct Shared {
     storage_full: AtomicBool,
     /// Files in `spare/`, ready to be overwritten by new messages.
     spares: Mutex<Vec<PathBuf>>,
+    /// Bytes of queue entries that hold their message in memory.
+    cached_bytes: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -173,6 +179,8 @@ struct Entry {
     file: String,
     queued_at: SystemTime,
     expires_at: Option<DateTime<Utc>>,
+    /// The message, when it is cached in memory (see [`MAX_CACHED_BYTES`]).
+    bytes: Option<Bytes>,
 }
 
 #[derive(Default)]
@@ -252,6 +260,7 @@ impl FileStore {
             counters: Counters::default(),
             storage_full: AtomicBool::new(false),
             spares: Mutex::new(spares),
+            cached_bytes: AtomicUsize::new(0),
         });
         let (committer, jobs) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -294,6 +303,32 @@ impl Shared {
         self.dir.join("accepted.log")
     }
 
+    /// Accounts for entries leaving the queues; returns their files.
+    fn forget(&self, host: &str, entries: impl IntoIterator<Item = Entry>) -> Vec<PathBuf> {
+        let dir = self.queue_dir(host);
+        entries
+            .into_iter()
+            .map(|entry| {
+                if let Some(bytes) = &entry.bytes {
+                    self.cached_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+                }
+                dir.join(entry.file)
+            })
+            .collect()
+    }
+
+    /// Retires files on a blocking thread; returns once they are gone from the queues, so
+    /// that an answered ack means the files are gone.
+    async fn retire_all(self: &Arc<Self>, files: Vec<PathBuf>) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let shared = Arc::clone(self);
+        tokio::task::spawn_blocking(move || shared.retire(&files))
+            .await
+            .map_err(|e| Error::Invalid(format!("retire task failed: {e}")))
+    }
+
     fn spares(&self) -> MutexGuard<'_, Vec<PathBuf>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -305,7 +340,14 @@ impl Shared {
         let spare_dir = self.dir.join("spare");
         for path in paths {
             let last_link = fs::symlink_metadata(path).is_ok_and(|m| m.nlink() == 1);
-            if last_link && self.spares().len() < MAX_SPARE_FILES {
+            if last_link
+                && self.spares().len() < MAX_SPARE_FILES
+                && File::options()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(0))
+                    .is_ok()
+            {
                 let spare = spare_dir.join(uuid::Uuid::new_v4().simple().to_string());
                 if fs::rename(path, &spare).is_ok() {
                     self.spares().push(spare);
@@ -379,55 +421,60 @@ impl Store for FileStore {
     }
 
     async fn fetch(&self, host: &str, max: usize) -> Result<Vec<Bytes>> {
-        let candidates: Vec<(Uuid, PathBuf)> = {
-            let state = self.shared.lock();
-            let Some(entry) = state.hosts.get(host) else {
+        let now = Utc::now();
+        let (candidates, expired) = {
+            let mut state = self.shared.lock();
+            let Some(entry) = state.hosts.get_mut(host) else {
                 return Ok(Vec::new());
             };
             let dir = self.shared.queue_dir(host);
-            entry
-                .queue
-                .values()
-                .take(max)
-                .map(|e| (e.id, dir.join(&e.file)))
-                .collect()
+            let mut candidates: Vec<(PathBuf, Option<Bytes>)> = Vec::new();
+            let mut expired: Vec<Uuid> = Vec::new();
+            for e in entry.queue.values() {
+                if candidates.len() >= max {
+                    break;
+                }
+                if e.expires_at.is_some_and(|at| at <= now) {
+                    expired.push(e.id);
+                } else {
+                    candidates.push((dir.join(&e.file), e.bytes.clone()));
+                }
+            }
+            let gone: Vec<Entry> = expired.iter().filter_map(|id| entry.remove(id)).collect();
+            (candidates, self.shared.forget(host, gone))
         };
-        if candidates.is_empty() {
-            return Ok(Vec::new());
+        if !expired.is_empty() {
+            tracing::info!(%host, count = expired.len(), "expired messages dropped");
+            self.shared
+                .counters
+                .expired
+                .fetch_add(expired.len() as u64, Ordering::Relaxed);
+            self.shared.retire_all(expired).await?;
         }
-        let shared = Arc::clone(&self.shared);
-        let host = host.to_string();
-        tokio::task::spawn_blocking(move || read_queue_files(&shared, &host, candidates))
+        if candidates.iter().all(|(_, bytes)| bytes.is_some()) {
+            return Ok(candidates.into_iter().filter_map(|(_, b)| b).collect());
+        }
+        tokio::task::spawn_blocking(move || read_queue_files(candidates))
             .await
             .map_err(|e| Error::Invalid(format!("fetch task failed: {e}")))?
     }
 
     async fn ack(&self, host: &str, ids: Vec<Uuid>) -> Result<usize> {
-        let files: Vec<PathBuf> = {
+        let files = {
             let mut state = self.shared.lock();
             let Some(entry) = state.hosts.get_mut(host) else {
                 return Ok(0);
             };
-            let dir = self.shared.queue_dir(host);
-            let removed: Vec<PathBuf> = ids
-                .iter()
-                .filter_map(|id| entry.remove(id))
-                .map(|e| dir.join(e.file))
-                .collect();
+            let removed: Vec<Entry> = ids.iter().filter_map(|id| entry.remove(id)).collect();
             entry.delivered += removed.len() as u64;
-            removed
+            self.shared.forget(host, removed)
         };
         let count = files.len();
         self.shared
             .counters
             .delivered
             .fetch_add(count as u64, Ordering::Relaxed);
-        if count > 0 {
-            let shared = Arc::clone(&self.shared);
-            tokio::task::spawn_blocking(move || shared.retire(&files))
-                .await
-                .map_err(|e| Error::Invalid(format!("ack task failed: {e}")))?;
-        }
+        self.shared.retire_all(files).await?;
         Ok(count)
     }
 
@@ -471,6 +518,8 @@ impl Store for FileStore {
         };
         let dropped = removed.queue.len();
         removed.notify.notify_waiters();
+        // The directory goes as a whole below; only the accounting is needed here.
+        let _ = self.shared.forget(host, removed.queue.into_values());
         let shared = Arc::clone(&self.shared);
         let name = host.to_string();
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -511,12 +560,11 @@ impl Store for FileStore {
                     .filter(|e| e.expires_at.is_some_and(|at| at <= now))
                     .map(|e| e.id)
                     .collect();
-                for id in expired {
-                    if let Some(entry) = host.remove(&id) {
-                        tracing::info!(%id, host = %name, "message expired");
-                        files.push(self.shared.queue_dir(name).join(entry.file));
-                    }
+                for id in &expired {
+                    tracing::info!(%id, host = %name, "message expired");
                 }
+                let gone: Vec<Entry> = expired.iter().filter_map(|id| host.remove(id)).collect();
+                files.extend(self.shared.forget(name, gone));
             }
             files
         };
@@ -525,12 +573,7 @@ impl Store for FileStore {
             .counters
             .expired
             .fetch_add(count as u64, Ordering::Relaxed);
-        if count > 0 {
-            let shared = Arc::clone(&self.shared);
-            tokio::task::spawn_blocking(move || shared.retire(&files))
-                .await
-                .map_err(|e| Error::Invalid(format!("expiry task failed: {e}")))?;
-        }
+        self.shared.retire_all(files).await?;
         Ok(count)
     }
 
@@ -650,48 +693,19 @@ impl Store for FileStore {
     }
 }
 
-/// Reads queue files for a fetch, dropping expired ones and skipping ones acked meanwhile.
-fn read_queue_files(
-    shared: &Shared,
-    host: &str,
-    candidates: Vec<(Uuid, PathBuf)>,
-) -> Result<Vec<Bytes>> {
-    #[derive(Deserialize)]
-    struct Expiry {
-        expires_at: Option<Timestamp>,
-    }
-    let now = Utc::now();
+/// Reads the messages of a fetch that are not cached, skipping files acked meanwhile.
+fn read_queue_files(candidates: Vec<(PathBuf, Option<Bytes>)>) -> Result<Vec<Bytes>> {
     let mut out = Vec::with_capacity(candidates.len());
-    let mut expired = Vec::new();
-    for (id, path) in candidates {
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // acked meanwhile
-            Err(e) => return Err(e).ctx("read queue file", &path),
-        };
-        let expires = serde_json::from_slice::<Expiry>(&bytes)
-            .ok()
-            .and_then(|e| e.expires_at);
-        if expires.is_some_and(|at| at.utc() <= now) {
-            expired.push((id, path));
+    for (path, cached) in candidates {
+        if let Some(bytes) = cached {
+            out.push(bytes);
             continue;
         }
-        out.push(Bytes::from(bytes));
-    }
-    if !expired.is_empty() {
-        let mut state = shared.lock();
-        if let Some(entry) = state.hosts.get_mut(host) {
-            for (id, _) in &expired {
-                entry.remove(id);
-            }
+        match fs::read(&path) {
+            Ok(bytes) => out.push(Bytes::from(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx("read queue file", &path),
         }
-        drop(state);
-        shared
-            .counters
-            .expired
-            .fetch_add(expired.len() as u64, Ordering::Relaxed);
-        let paths: Vec<PathBuf> = expired.into_iter().map(|(_, p)| p).collect();
-        shared.retire(&paths);
     }
     Ok(out)
 }
@@ -749,7 +763,7 @@ fn commit(shared: &Shared, messages: Vec<Message>) -> Vec<Enqueued> {
         Ok(()) => {
             shared.storage_full.store(false, Ordering::Relaxed);
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-            publish_plan(shared, &plan, &mut outcomes);
+            publish_plan(shared, plan, &mut outcomes);
         }
         Err(err) => {
             let (status, counter) = if err.is_storage_full() {
@@ -916,13 +930,20 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
 }
 
 /// Step 3: the messages are durable; make them visible, count them and wake recipients.
-fn publish_plan(shared: &Shared, plan: &[Planned], outcomes: &mut [Enqueued]) {
+fn publish_plan(shared: &Shared, plan: Vec<Planned>, outcomes: &mut [Enqueued]) {
     let now = SystemTime::now();
     let mut wake = Vec::new();
+    let count = plan.len();
     {
         let mut state = shared.lock();
-        for item in plan {
+        for mut item in plan {
             state.accepted.insert(item.message_id);
+            let cost = item.bytes.len() * item.recipients.len();
+            let cache = shared.cached_bytes.load(Ordering::Relaxed) + cost <= MAX_CACHED_BYTES;
+            let bytes = cache.then(|| {
+                shared.cached_bytes.fetch_add(cost, Ordering::Relaxed);
+                Bytes::from(std::mem::take(&mut item.bytes))
+            });
             for host in &item.recipients {
                 let entry = state.hosts.entry(host.clone()).or_insert_with(Host::new);
                 entry.insert(
@@ -932,6 +953,7 @@ fn publish_plan(shared: &Shared, plan: &[Planned], outcomes: &mut [Enqueued]) {
                         file: item.queue_name(),
                         queued_at: now,
                         expires_at: item.expires_at,
+                        bytes: bytes.clone(),
                     },
                 );
                 wake.push(Arc::clone(&entry.notify));
@@ -943,7 +965,7 @@ fn publish_plan(shared: &Shared, plan: &[Planned], outcomes: &mut [Enqueued]) {
     shared
         .counters
         .accepted
-        .fetch_add(plan.len() as u64, Ordering::Relaxed);
+        .fetch_add(count as u64, Ordering::Relaxed);
     for notify in wake {
         notify.notify_waiters();
     }
@@ -961,8 +983,10 @@ fn recover(dir: &Path) -> Result<State> {
         let Some(host) = name.strip_suffix(".json") else {
             continue;
         };
-        let text = fs::read(&path).ctx("read", &path)?;
-        let Ok(record) = serde_json::from_slice::<HostRecord>(&text) else {
+        let record = fs::read(&path)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<HostRecord>(&text).ok());
+        let Some(record) = record else {
             tracing::warn!(path = %path.display(), "ignoring an unreadable host record");
             continue;
         };
@@ -1011,6 +1035,7 @@ fn recover(dir: &Path) -> Result<State> {
                     file: name,
                     queued_at: meta.modified().unwrap_or_else(|_| SystemTime::now()),
                     expires_at,
+                    bytes: None,
                 },
             );
         }
