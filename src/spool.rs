@@ -20,18 +20,23 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{IoContext, Result};
 
-/// Above this many files a commit flushes the whole file system once instead of each file.
-/// Below it, per-file fsync avoids flushing other programs' unrelated dirty data.
-const SYNCFS_THRESHOLD: usize = 4;
+/// Above this many flushes (files and directories), a commit flushes the whole file system
+/// once instead: `syncfs` costs about one fsync, but also writes out other programs' dirty
+/// data, so a single file is cheaper to fsync on its own.
+const SYNCFS_THRESHOLD: usize = 1;
 
 /// A dot-file older than this is debris from a crash.
 pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
 
-/// A group of file changes made durable together.
+/// A group of file changes made durable together, in two steps: [`Commit::sync_data`] after
+/// the data is written and before it is published (renamed or linked into place), then
+/// [`Commit::sync`] for the rest.
 #[derive(Default)]
 pub struct Commit {
     /// Files whose data must be durable (kept open to fsync them).
     files: Vec<(PathBuf, File)>,
+    /// How many of `files` are durable already.
+    synced_files: usize,
     /// Directories whose entries changed.
     dirs: BTreeSet<PathBuf>,
 }
@@ -75,7 +80,6 @@ impl Commit {
             return Err(e).ctx("write", &path);
         }
         self.files.push((path.clone(), file));
-        self.dirs.insert(dir.to_path_buf());
         Ok(path)
     }
 
@@ -83,9 +87,6 @@ impl Commit {
     pub fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).ctx("open", path)?;
         self.files.push((path.to_path_buf(), file));
-        if let Some(dir) = path.parent() {
-            self.dirs.insert(dir.to_path_buf());
-        }
         Ok(())
     }
 
@@ -94,32 +95,40 @@ impl Commit {
         self.dirs.insert(dir.to_path_buf());
     }
 
-    /// Makes the data of every written file durable.
+    /// Makes the data of every file written so far durable.
     pub fn sync_data(&mut self) -> Result<()> {
-        if self.uses_syncfs() {
-            let dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
-            return syncfs_each(&dirs);
+        let pending = &self.files[self.synced_files..];
+        if pending.len() > SYNCFS_THRESHOLD && cfg!(target_os = "linux") {
+            let parents: Vec<&Path> = pending.iter().filter_map(|(p, _)| p.parent()).collect();
+            syncfs_each(&parents)?;
+        } else {
+            for (path, file) in pending {
+                file.sync_data().ctx("fsync", path)?;
+            }
         }
-        for (path, file) in &self.files {
-            file.sync_data().ctx("fsync", path)?;
-        }
+        self.synced_files = self.files.len();
         Ok(())
     }
 
-    /// Makes the directory entries (renames, links) durable.
-    pub fn sync_dirs(&mut self) -> Result<()> {
-        let dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
-        if self.uses_syncfs() {
-            return syncfs_each(&dirs);
+    /// Makes everything recorded so far durable: the files not flushed yet and the
+    /// directory entries (renames, links).
+    pub fn sync(&mut self) -> Result<()> {
+        let pending = &self.files[self.synced_files..];
+        if pending.len() + self.dirs.len() > SYNCFS_THRESHOLD && cfg!(target_os = "linux") {
+            let mut places: Vec<&Path> = pending.iter().filter_map(|(p, _)| p.parent()).collect();
+            places.extend(self.dirs.iter().map(PathBuf::as_path));
+            syncfs_each(&places)?;
+        } else {
+            for (path, file) in pending {
+                file.sync_data().ctx("fsync", path)?;
+            }
+            for dir in &self.dirs {
+                sync_dir(dir)?;
+            }
         }
-        for dir in &dirs {
-            sync_dir(dir)?;
-        }
+        self.synced_files = self.files.len();
+        self.dirs.clear();
         Ok(())
-    }
-
-    fn uses_syncfs(&self) -> bool {
-        cfg!(target_os = "linux") && self.files.len().max(self.dirs.len()) > SYNCFS_THRESHOLD
     }
 }
 
@@ -136,6 +145,7 @@ pub fn publish(files: &[NewFile<'_>]) -> Result<()> {
     let mut commit = Commit::new();
     let mut temps = Vec::with_capacity(files.len());
     for file in files {
+        commit.touch_dir(file.dir);
         match commit.write_temp(file.dir, file.name, file.bytes) {
             Ok(temp) => temps.push(temp),
             Err(e) => {
@@ -155,7 +165,7 @@ pub fn publish(files: &[NewFile<'_>]) -> Result<()> {
             return Err(e).ctx("rename into place", &target);
         }
     }
-    commit.sync_dirs()
+    commit.sync()
 }
 
 /// Writes one file atomically and durably.
@@ -249,12 +259,13 @@ fn remove_all(paths: &[PathBuf]) {
 
 /// One `syncfs(2)` per distinct file system among `dirs`.
 #[cfg(target_os = "linux")]
-fn syncfs_each(dirs: &[PathBuf]) -> Result<()> {
+fn syncfs_each(dirs: &[&Path]) -> Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
 
+    let unique: BTreeSet<&Path> = dirs.iter().copied().collect();
     let mut seen = BTreeSet::new();
-    for dir in dirs {
+    for dir in unique {
         let handle = File::open(dir).ctx("open directory", dir)?;
         let dev = handle.metadata().ctx("stat", dir)?.dev();
         if !seen.insert(dev) {
@@ -269,8 +280,8 @@ fn syncfs_each(dirs: &[PathBuf]) -> Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn syncfs_each(dirs: &[PathBuf]) -> Result<()> {
-    // Never reached: uses_syncfs() is false off Linux. Flush the directories to be safe.
+fn syncfs_each(dirs: &[&Path]) -> Result<()> {
+    // Never reached: syncfs is used on Linux only. Flush the directories to be safe.
     for dir in dirs {
         sync_dir(dir)?;
     }

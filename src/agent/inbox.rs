@@ -139,6 +139,7 @@ fn deliver(agent: &Agent, values: Vec<Value>) -> Result<Vec<Uuid>> {
 fn write_batch(agent: &Agent, messages: &[Message]) -> Result<()> {
     let inbox = agent.config.inbox_dir();
     let mut commit = Commit::new();
+    commit.touch_dir(&inbox);
     let mut temps: Vec<PathBuf> = Vec::with_capacity(messages.len());
     let result = (|| -> Result<()> {
         for message in messages {
@@ -161,7 +162,7 @@ fn write_batch(agent: &Agent, messages: &[Message]) -> Result<()> {
         ledger.append(&records)?;
         commit.add_file(ledger.path())?;
         drop(ledger);
-        commit.sync_dirs()
+        commit.sync()
     })();
     if let Err(err) = result {
         for temp in &temps {

@@ -81,6 +81,9 @@ impl Ledger {
             .append(true)
             .open(&path)
             .ctx("open", &path)?;
+        // The ledger may have just been created: its name must be durable before any
+        // record in it is relied on.
+        crate::spool::sync_dir(state_dir)?;
         let len = file.metadata().ctx("stat", &path)?.len();
         if len != good_len {
             tracing::warn!(path = %path.display(), "cutting a torn line off the end of the ledger");

@@ -247,6 +247,14 @@ impl FileStore {
             spool::ensure_dir(&dir.join(sub))?;
         }
         clear_dir(&dir.join("staging"))?;
+        // Created here, durably, so that commits only ever append to it.
+        let log = dir.join("accepted.log");
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .ctx("create", &log)?;
+        spool::sync_dir(dir)?;
         let state = recover(dir)?;
         let spare_dir = dir.join("spare");
         let spares: Vec<PathBuf> = spool::list(&spare_dir)?
@@ -918,7 +926,7 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
         }
         log.write_all(ids.as_bytes()).ctx("append", &log_path)?;
         commit.add_file(&log_path)?;
-        commit.sync_dirs()
+        commit.sync()
     })();
 
     unlink_all(&temps);
