@@ -59,7 +59,10 @@ pub async fn run(agent: Arc<Agent>) {
         }
         // Finish the batch in hand even when shutdown comes meanwhile: written and acked.
         let worker = Arc::clone(&agent);
+        let started = std::time::Instant::now();
+        let count = values.len();
         let delivered = tokio::task::spawn_blocking(move || deliver(&worker, values)).await;
+        tracing::debug!(count, took = ?started.elapsed(), "pulled batch written");
         let ack_ids = match delivered {
             Ok(Ok(ids)) => ids,
             Ok(Err(err)) => {
@@ -77,7 +80,10 @@ pub async fn run(agent: Arc<Agent>) {
         };
         backoff.reset();
         agent.hooks_wake.notify_one();
-        if let Err(err) = agent.client.ack(&host, &ack_ids).await {
+        let started = std::time::Instant::now();
+        let acked = agent.client.ack(&host, &ack_ids).await;
+        tracing::debug!(took = ?started.elapsed(), "ack");
+        if let Err(err) = acked {
             // The messages are durable here; the hub will offer them again and the ledger
             // recognises them.
             tracing::warn!(%err, "ack failed; the hub will offer these messages again");

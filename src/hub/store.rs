@@ -55,9 +55,10 @@ use crate::spool::{self, Commit};
 
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
 const MAX_COMMIT_MESSAGES: usize = 4096;
-/// Most files kept in `spare/` for reuse. They are emptied, so a spare costs an inode and
-/// no data block.
-const MAX_SPARE_FILES: usize = 65_536;
+/// Most files kept in `spare/` for reuse. Each keeps its inode and its data block (a few
+/// KiB of disk): truncating or deleting it would free the block, which costs a discard on
+/// file systems mounted with `discard`.
+const MAX_SPARE_FILES: usize = 16_384;
 /// Most bytes of pending messages also kept in memory, so that a host that keeps up is
 /// served without reading its files back. Beyond this, messages are read from disk.
 const MAX_CACHED_BYTES: usize = 64 * 1024 * 1024;
@@ -348,14 +349,7 @@ impl Shared {
         let spare_dir = self.dir.join("spare");
         for path in paths {
             let last_link = fs::symlink_metadata(path).is_ok_and(|m| m.nlink() == 1);
-            if last_link
-                && self.spares().len() < MAX_SPARE_FILES
-                && File::options()
-                    .write(true)
-                    .open(path)
-                    .and_then(|f| f.set_len(0))
-                    .is_ok()
-            {
+            if last_link && self.spares().len() < MAX_SPARE_FILES {
                 let spare = spare_dir.join(uuid::Uuid::new_v4().simple().to_string());
                 if fs::rename(path, &spare).is_ok() {
                     self.spares().push(spare);
@@ -879,7 +873,6 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
     let log_len = log.seek(SeekFrom::End(0)).ctx("seek", &log_path)?;
 
     let result = (|| -> Result<()> {
-        let t0 = std::time::Instant::now();
         for item in plan.iter().filter(|p| !p.recipients.is_empty()) {
             let name = format!("{}.json", item.message_id);
             let spare = shared.spares().pop();
@@ -890,9 +883,7 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
                 spare.as_deref(),
             )?);
         }
-        let t1 = t0.elapsed();
         commit.sync_data()?;
-        tracing::debug!(write = ?t1, sync = ?(t0.elapsed() - t1), "commit phase 1");
         let mut ids = String::with_capacity(plan.len() * 37);
         let mut temp_iter = temps.iter();
         for item in plan {
