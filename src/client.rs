@@ -126,7 +126,10 @@ impl HubClient {
         struct Pulled {
             messages: Vec<Value>,
         }
-        let path = format!("/v1/messages?host={host}&wait={}&max={max}", wait.as_secs());
+        let path = format!(
+            "/v1/messages?host={host}&wait={}&max={max}",
+            wait.as_secs_f64()
+        );
         let (status, bytes) = self
             .call(Method::GET, &path, None, wait + self.timeout)
             .await?;

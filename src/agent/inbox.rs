@@ -22,8 +22,12 @@ use crate::error::{IoContext, Result};
 use crate::message::Message;
 use crate::spool::Commit;
 
-/// How long one long-poll waits at the hub for a message.
-const LONG_POLL: Duration = Duration::from_secs(30);
+/// How long one long-poll waits at the hub for a message: three HTTP timeouts (30 s by
+/// default), at most the hub's limit. A connection that went silent (a peer gone without
+/// a FIN) is given up after this plus one HTTP timeout.
+fn long_poll(http_timeout: Duration) -> Duration {
+    (http_timeout * 3).clamp(Duration::from_secs(1), crate::hub::api::MAX_WAIT)
+}
 /// Most messages per pull.
 const MAX_PULL: usize = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -33,9 +37,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub async fn run(agent: Arc<Agent>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let host = agent.config.host_id.clone();
+    let wait = long_poll(agent.config.http_timeout);
     loop {
         let pulled = tokio::select! {
-            pulled = agent.client.pull(&host, LONG_POLL, MAX_PULL) => pulled,
+            pulled = agent.client.pull(&host, wait, MAX_PULL) => pulled,
             _ = agent.shutdown.cancelled() => return,
         };
         let values = match pulled {
