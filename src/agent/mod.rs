@@ -10,6 +10,7 @@
 //!   status file that `mesync status` reads.
 
 pub mod backoff;
+pub mod clock;
 pub mod inbox;
 pub mod ledger;
 pub mod outbox;
@@ -20,7 +21,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use crate::client::HubClient;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::spool;
+use clock::{ClockWatch, wall_seconds};
 use ledger::Ledger;
 use status::Status;
 
@@ -129,13 +131,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
 async fn housekeeping(agent: Arc<Agent>) {
     let mut last_debris_sweep: Option<tokio::time::Instant> = None;
+    let mut clock = Arc::new(ClockWatch::default());
     loop {
         let config = agent.config.clone();
         let sweep_debris = last_debris_sweep.is_none_or(|t| t.elapsed() >= DEBRIS_SWEEP);
         if sweep_debris {
             last_debris_sweep = Some(tokio::time::Instant::now());
         }
-        let work = tokio::task::spawn_blocking(move || tidy(&config, sweep_debris)).await;
+        Arc::make_mut(&mut clock).observe(wall_seconds(SystemTime::now()), Instant::now());
+        let watch = Arc::clone(&clock);
+        let work = tokio::task::spawn_blocking(move || tidy(&config, &watch, sweep_debris)).await;
         match work {
             Ok(Err(err)) => tracing::warn!(%err, "housekeeping failed"),
             Err(err) => tracing::warn!(%err, "housekeeping task failed"),
@@ -153,8 +158,8 @@ async fn housekeeping(agent: Arc<Agent>) {
 }
 
 /// One housekeeping pass: `sent/` purge, and crash debris when `sweep_debris`.
-fn tidy(config: &Config, sweep_debris: bool) -> Result<()> {
-    let purged = purge_sent(&config.sent_dir(), config.sent_ttl)?;
+fn tidy(config: &Config, clock: &ClockWatch, sweep_debris: bool) -> Result<()> {
+    let purged = purge_sent(&config.sent_dir(), config.sent_ttl, clock)?;
     if purged > 0 {
         tracing::info!(purged, "purged sent/ files older than sent_ttl");
     }
@@ -177,12 +182,10 @@ fn tidy(config: &Config, sweep_debris: bool) -> Result<()> {
 
 /// Removes files that entered `sent/` more than `ttl` ago. The move into `sent/` is a rename,
 /// which sets the file's change time (ctime): that is the time it was sent, whereas its
-/// mtime is when it was written into the outbox.
-pub fn purge_sent(dir: &Path, ttl: Duration) -> Result<usize> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+/// mtime is when it was written into the outbox. Ages discount forward steps of the wall
+/// clock seen by `clock`.
+pub fn purge_sent(dir: &Path, ttl: Duration, clock: &ClockWatch) -> Result<usize> {
+    let now = wall_seconds(SystemTime::now());
     let mut purged = 0;
     for name in spool::list(dir)? {
         let path = dir.join(&name);
@@ -193,7 +196,7 @@ pub fn purge_sent(dir: &Path, ttl: Duration) -> Result<usize> {
             continue;
         }
         let changed = meta.ctime() as f64 + meta.ctime_nsec() as f64 / 1e9;
-        if now - changed >= ttl.as_secs_f64() {
+        if clock.age(now, changed) >= ttl {
             match fs::remove_file(&path) {
                 Ok(()) => purged += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

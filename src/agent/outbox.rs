@@ -83,7 +83,12 @@ pub struct OutboxEvents {
 impl OutboxEvents {
     fn note(&self, event: notify::Result<notify::Event>) {
         match event {
-            Ok(event) if event.need_rescan() => self.rescan.store(true, Ordering::SeqCst),
+            Ok(event) if event.need_rescan() => {
+                tracing::warn!(
+                    "the file watcher lost track (queue overflow); reading outbox/ again"
+                );
+                self.rescan.store(true, Ordering::SeqCst);
+            }
             Ok(event) => match event.kind {
                 EventKind::Create(_) | EventKind::Modify(_) | EventKind::Any | EventKind::Other => {
                     let names = event
@@ -98,7 +103,10 @@ impl OutboxEvents {
                 }
                 EventKind::Remove(_) | EventKind::Access(_) => return,
             },
-            Err(_) => self.rescan.store(true, Ordering::SeqCst),
+            Err(err) => {
+                tracing::warn!(%err, "file watcher error; reading outbox/ again");
+                self.rescan.store(true, Ordering::SeqCst);
+            }
         }
         self.wake.notify_one();
     }
