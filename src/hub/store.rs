@@ -602,47 +602,49 @@ impl Store for FileStore {
     fn metrics(&self) -> String {
         let c = &self.shared.counters;
         let mut out = String::new();
-        let mut counter = |name: &str, help: &str, value: u64| {
+        let counters = [
+            (
+                "mesync_messages_accepted_total",
+                "Messages accepted and made durable.",
+                &c.accepted,
+            ),
+            (
+                "mesync_messages_duplicate_total",
+                "Sends of an id accepted before.",
+                &c.duplicates,
+            ),
+            (
+                "mesync_messages_delivered_total",
+                "Queue entries acknowledged by their host.",
+                &c.delivered,
+            ),
+            (
+                "mesync_messages_expired_total",
+                "Queue entries dropped past their expires_at.",
+                &c.expired,
+            ),
+            (
+                "mesync_commits_total",
+                "Group commits (flushes) of accepted messages.",
+                &c.commits,
+            ),
+            (
+                "mesync_hosts_removed_total",
+                "Hosts removed by an operator.",
+                &c.removed_hosts,
+            ),
+            (
+                "mesync_messages_dropped_with_host_total",
+                "Queue entries dropped with a removed host.",
+                &c.dropped_with_hosts,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let value = value.load(Ordering::Relaxed);
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
             ));
-        };
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(
-            "mesync_messages_accepted_total",
-            "Messages accepted and made durable.",
-            load(&c.accepted),
-        );
-        counter(
-            "mesync_messages_duplicate_total",
-            "Sends of an id accepted before.",
-            load(&c.duplicates),
-        );
-        counter(
-            "mesync_messages_delivered_total",
-            "Queue entries acknowledged by their host.",
-            load(&c.delivered),
-        );
-        counter(
-            "mesync_messages_expired_total",
-            "Queue entries dropped past their expires_at.",
-            load(&c.expired),
-        );
-        counter(
-            "mesync_commits_total",
-            "Group commits (flushes) of accepted messages.",
-            load(&c.commits),
-        );
-        counter(
-            "mesync_hosts_removed_total",
-            "Hosts removed by an operator.",
-            load(&c.removed_hosts),
-        );
-        counter(
-            "mesync_messages_dropped_with_host_total",
-            "Queue entries dropped with a removed host.",
-            load(&c.dropped_with_hosts),
-        );
+        }
         out.push_str(
             "# HELP mesync_messages_refused_total Messages refused, by reason.\n\
              # TYPE mesync_messages_refused_total counter\n",
@@ -654,7 +656,7 @@ impl Store for FileStore {
         ] {
             out.push_str(&format!(
                 "mesync_messages_refused_total{{reason=\"{reason}\"}} {}\n",
-                load(value)
+                value.load(Ordering::Relaxed)
             ));
         }
         let state = self.shared.lock();
