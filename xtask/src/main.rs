@@ -11,6 +11,7 @@ mod disk;
 mod light;
 mod peers;
 mod procs;
+mod torture;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
+        Some("torture") => torture::cli(&args[1..], procs::build_release),
         Some(other) => Err(format!("unknown task {other:?}\n{USAGE}")),
         None => Err(USAGE.to_string()),
     };
@@ -31,7 +33,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback";
+const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback\n  torture [--kills N] [--seed S] [--agents K] [--short] [--keep]\n                    kill -9 hub and agents under load; check exactly-once delivery";
 
 /// The workspace root, from this crate's manifest dir.
 pub fn project_root() -> PathBuf {
