@@ -247,6 +247,26 @@ pub fn remove_debris(dir: &Path, age: Duration) -> Result<usize> {
     Ok(removed)
 }
 
+/// Removes the temporary files this module leaves in `dir` when a process dies mid-write
+/// (`.<name>.<random>.tmp`), whatever their age. Only for directories no one else writes
+/// dot-files into: in `outbox/`, a script's file being written looks the same, and only
+/// age ([`remove_debris`]) tells debris from work in progress.
+pub fn remove_temps(dir: &Path) -> Result<usize> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") && fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn temp_name(name: &str) -> String {
     format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple())
 }
@@ -318,6 +338,22 @@ mod tests {
         assert_eq!(remove_debris(tmp.path(), DEBRIS_AGE).unwrap(), 0);
         assert_eq!(remove_debris(tmp.path(), Duration::ZERO).unwrap(), 1);
         assert_eq!(list(tmp.path()).unwrap(), vec!["keep.json".to_string()]);
+    }
+
+    #[test]
+    fn temps_left_by_a_crash_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut commit = Commit::new();
+        commit.write_temp(tmp.path(), "m.json", b"{}").unwrap();
+        fs::write(tmp.path().join(".keep"), b"").unwrap();
+        fs::write(tmp.path().join("m2.json"), b"{}").unwrap();
+        assert_eq!(remove_temps(tmp.path()).unwrap(), 1);
+        let mut left: Vec<String> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![".keep".to_string(), "m2.json".to_string()]);
     }
 
     #[test]

@@ -86,6 +86,19 @@ pub fn ensure_dirs(config: &Config) -> Result<()> {
 /// in progress gets [`HOOK_GRACE`]) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     ensure_dirs(&config)?;
+    // Only this agent writes these directories: any temporary file in them is left over
+    // from a crash of a previous run.
+    for dir in [
+        config.inbox_dir(),
+        config.sent_dir(),
+        config.failed_dir(),
+        config.state_dir(),
+    ] {
+        let removed = spool::remove_temps(&dir)?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %dir.display(), "removed temporary files left by a crash");
+        }
+    }
     let ledger = Ledger::open(&config.state_dir())?;
     let client = HubClient::new(&config)?;
     let status = Status::new(&config);
