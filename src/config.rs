@@ -206,6 +206,9 @@ impl Config {
             file.hook_timeout,
             Defaults::HOOK_TIMEOUT,
         )?;
+        if hook_timeout.is_zero() {
+            return Err(Error::Config("hook_timeout: must be more than 0".into()));
+        }
 
         let token = match env("MESYNC_TOKEN").or(file.token) {
             Some(token) => Some(Secret::new(token.trim().to_string())),
@@ -520,6 +523,7 @@ mod tests {
     fn bad_values_are_refused() {
         assert!(load(&[("MESYNC_POLL_INTERVAL", "soon")], None).is_err());
         assert!(load(&[("MESYNC_POLL_INTERVAL", "0")], None).is_err());
+        assert!(load(&[("MESYNC_HOOK_TIMEOUT", "0")], None).is_err());
         assert!(load(&[("MESYNC_SERVER_URL", "ftp://x")], None).is_err());
         assert!(load(&[("MESYNC_HOST_ID", "a/b")], None).is_err());
         assert!(load(&[("MESYNC_LISTEN", "nowhere")], None).is_err());
