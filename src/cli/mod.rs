@@ -4,6 +4,7 @@
 mod hosts;
 mod queues;
 mod status;
+mod tokens;
 
 use std::path::PathBuf;
 
@@ -91,6 +92,15 @@ echo '{\"n\": 1}' | mesync send task.event --payload -"
         #[arg(long)]
         json: bool,
     },
+    /// Manage the hub's bearer tokens (run on the hub's machine). Once any token exists,
+    /// every call to the hub needs one, and it tells the hub which host is calling.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+        /// The hub's data dir [default: $MESYNC_HUB_DIR, else $STATE_DIRECTORY, else BASE_DIR/hub]
+        #[arg(long, value_name = "DIR", global = true)]
+        data_dir: Option<PathBuf>,
+    },
     /// The hub's registry of hosts, through its HTTP API (at server_url).
     Hosts {
         #[command(subcommand)]
@@ -145,6 +155,16 @@ pub enum FlushQueue {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token for HOST (replacing its old one) and print it, once.
+    Issue { host: String },
+    /// Remove HOST's token: its calls are refused from the next request on.
+    Revoke { host: String },
+    /// The hosts that have a token.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostsAction {
     /// Drop a decommissioned host and its queue at the hub.
     Remove { host: String },
@@ -173,10 +193,6 @@ pub fn run(cli: Cli) -> Result<()> {
             overrides.data_dir = data_dir;
             let config = Config::load(&overrides)?;
             let listeners = hub::bind(&config.hub.listen)?;
-            tracing::warn!(
-                "open mode: no tokens are configured, so anyone who can reach this hub can \
-                 send, read and acknowledge any host's messages"
-            );
             runtime()?.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;
@@ -203,6 +219,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status { json } => {
             let config = Config::load(&overrides)?;
             runtime()?.block_on(status::show(&config, json))
+        }
+        Command::Token { action, data_dir } => {
+            overrides.data_dir = data_dir;
+            tokens::run(&Config::load(&overrides)?, action)
         }
         Command::Hosts { action, json } => {
             let config = Config::load(&overrides)?;

@@ -1,6 +1,7 @@
 //! HTTP API v1: one `match` sends each request to its handler; every answer is JSON (or
 //! Prometheus text), every error `{"error": "..."}` with the status that fits.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::auth::{Caller, Denied, Tokens};
 use super::store::{Enqueued, Store};
 use crate::message::{Message, validate_name};
 
@@ -28,6 +30,7 @@ const MAX_SMALL_BODY: usize = 1024 * 1024;
 /// What the handlers share.
 pub struct Api<S> {
     pub store: S,
+    pub tokens: Tokens,
     pub max_message_bytes: usize,
     pub shutdown: CancellationToken,
 }
@@ -53,16 +56,73 @@ impl<S: Store> Api<S> {
             .max(8 * 1024 * 1024)
     }
 
-    /// Routes one request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Answer {
+    /// Routes one request from `peer`.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let result = match (method.clone(), path.as_str()) {
-            (Method::POST, "/v1/messages") => self.send(req).await,
-            (Method::GET, "/v1/messages") => self.pull(req).await,
-            (Method::POST, "/v1/ack") => self.ack(req).await,
+        let result = match self.authorize(&req, &path, peer) {
+            Err(refusal) => Err(refusal),
+            Ok(caller) => self.route(req, &method, &path, caller, peer).await,
+        };
+        result.unwrap_or_else(|Refusal(status, message)| {
+            tracing::debug!(%method, %path, %status, %message, "request refused");
+            let mut answer = error(status, &message);
+            if status == StatusCode::UNAUTHORIZED {
+                answer.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            answer
+        })
+    }
+
+    /// Who is calling. `/healthz` is open to all; `/metrics` to loopback; every `/v1` call
+    /// needs a token once any exists.
+    fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        path: &str,
+        peer: SocketAddr,
+    ) -> Result<Caller, Refusal> {
+        if path == "/healthz" || (path == "/metrics" && peer.ip().is_loopback()) {
+            return Ok(Caller::Open);
+        }
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        self.tokens.authenticate(header).map_err(|denied| {
+            let why = match denied {
+                Denied::Missing => "a bearer token is required (Authorization: Bearer <token>)",
+                Denied::Invalid => "the bearer token is not valid",
+            };
+            tracing::warn!(%peer, %path, why, "unauthenticated request refused");
+            Refusal(StatusCode::UNAUTHORIZED, why.into())
+        })
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        method: &Method,
+        path: &str,
+        caller: Caller,
+        peer: SocketAddr,
+    ) -> Handled {
+        match (method.clone(), path) {
+            (Method::POST, "/v1/messages") => self.send(req, &caller).await,
+            (Method::GET, "/v1/messages") => self.pull(req, &caller).await,
+            (Method::POST, "/v1/ack") => self.ack(req, &caller).await,
             (Method::GET, "/v1/hosts") => Ok(self.hosts()),
             (Method::DELETE, p) if p.starts_with("/v1/hosts/") => {
+                // Decommissioning is an operator's act: on the hub's machine itself.
+                if caller != Caller::Open && !peer.ip().is_loopback() {
+                    return Err(Refusal(
+                        StatusCode::FORBIDDEN,
+                        "hosts can be removed only from the hub's own machine".into(),
+                    ));
+                }
                 self.remove_host(&p["/v1/hosts/".len()..]).await
             }
             (Method::GET, "/healthz") => Ok(self.healthz().await),
@@ -77,15 +137,11 @@ impl<S: Store> Api<S> {
                 StatusCode::NOT_FOUND,
                 format!("no such endpoint: {path}"),
             )),
-        };
-        result.unwrap_or_else(|Refusal(status, message)| {
-            tracing::debug!(%method, %path, %status, %message, "request refused");
-            error(status, &message)
-        })
+        }
     }
 
     /// `POST /v1/messages`: one message, or `{"messages": [...]}`.
-    async fn send(&self, req: Request<Incoming>) -> Handled {
+    async fn send(&self, req: Request<Incoming>, caller: &Caller) -> Handled {
         let body = read_body(req, self.max_send_body()).await?;
         let value: Value = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("body is not JSON: {e}")))?;
@@ -100,7 +156,11 @@ impl<S: Store> Api<S> {
         };
         let mut valid = Vec::with_capacity(items.len());
         let mut slots: Vec<Result<usize, (Option<String>, Refusal)>> = Vec::new();
-        for item in items {
+        for mut item in items {
+            // With tokens, a message comes from the token's host, whatever it says.
+            if let (Caller::Host(host), Value::Object(fields)) = (caller, &mut item) {
+                fields.insert("source".into(), Value::String(host.clone()));
+            }
             let id = item.get("id").and_then(Value::as_str).map(str::to_string);
             match self.check_message(item) {
                 Ok(message) => {
@@ -193,11 +253,9 @@ impl<S: Store> Api<S> {
 
     /// `GET /v1/messages?host=H&wait=S&max=N`: the host's next messages, waiting up to S
     /// seconds for one to arrive.
-    async fn pull(&self, req: Request<Incoming>) -> Handled {
+    async fn pull(&self, req: Request<Incoming>, caller: &Caller) -> Handled {
         let query = Query::parse(req.uri().query().unwrap_or(""))?;
-        let host = query
-            .host
-            .ok_or_else(|| Refusal::bad_request("missing query parameter `host`"))?;
+        let host = own_host(caller, query.host)?;
         self.register(&host).await?;
         let deadline = tokio::time::Instant::now() + query.wait.min(MAX_WAIT);
         let notify = self.store.waiter(&host);
@@ -219,7 +277,7 @@ impl<S: Store> Api<S> {
     }
 
     /// `POST /v1/ack`: `{"host": H, "ids": [...]}`.
-    async fn ack(&self, req: Request<Incoming>) -> Handled {
+    async fn ack(&self, req: Request<Incoming>, caller: &Caller) -> Handled {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Ack {
@@ -230,8 +288,9 @@ impl<S: Store> Api<S> {
         let ack: Ack = serde_json::from_slice(&body)
             .map_err(|e| Refusal::bad_request(format!("invalid ack: {e}")))?;
         validate_name("host", &ack.host).map_err(Refusal::bad_request)?;
-        self.register(&ack.host).await?;
-        let acked = self.store.ack(&ack.host, ack.ids).await.map_err(internal)?;
+        let host = own_host(caller, Some(ack.host))?;
+        self.register(&host).await?;
+        let acked = self.store.ack(&host, ack.ids).await.map_err(internal)?;
         Ok(json_answer(StatusCode::OK, &json!({ "acked": acked })))
     }
 
@@ -271,6 +330,20 @@ impl<S: Store> Api<S> {
                 internal(e)
             }
         })
+    }
+}
+
+/// The host whose queue a call works on: the one named, which with tokens must be the
+/// caller's own (a host pulls and acks only its own queue); the caller's when none is named.
+fn own_host(caller: &Caller, named: Option<String>) -> Result<String, Refusal> {
+    match (caller, named) {
+        (Caller::Host(me), Some(named)) if *me != named => Err(Refusal(
+            StatusCode::FORBIDDEN,
+            format!("this token is for host {me}, not {named}"),
+        )),
+        (Caller::Host(me), _) => Ok(me.clone()),
+        (Caller::Open, Some(named)) => Ok(named),
+        (Caller::Open, None) => Err(Refusal::bad_request("missing query parameter `host`")),
     }
 }
 

@@ -5,6 +5,7 @@
 //! system), so tests and `mesync demo` can run a hub on an ephemeral port.
 
 pub mod api;
+pub mod auth;
 pub mod store;
 
 use std::convert::Infallible;
@@ -85,8 +86,16 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, max_pending))
         .await
         .map_err(|e| Error::Invalid(format!("store start-up failed: {e}")))??;
+    let tokens = auth::Tokens::load(&config.data_dir)?;
+    if tokens.is_open() {
+        tracing::warn!(
+            "open mode: no tokens are configured, so anyone who can reach this hub can \
+             send, read and acknowledge any host's messages; `mesync token issue HOST` ends it"
+        );
+    }
     let api = Arc::new(Api {
         store,
+        tokens,
         max_message_bytes: usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
     });
@@ -148,7 +157,7 @@ async fn accept_loop<S: Store>(
         let api = Arc::clone(&api);
         let service = service_fn(move |req| {
             let api = Arc::clone(&api);
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())

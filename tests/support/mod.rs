@@ -552,10 +552,25 @@ pub fn http_request(
     body: Option<&[u8]>,
     timeout: Duration,
 ) -> std::io::Result<Response> {
+    http_request_with(addr, method, path, &[], body, timeout)
+}
+
+/// [`http_request`] with extra request headers.
+pub fn http_request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
     match body {
         Some(b) => request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -857,6 +872,27 @@ impl Hub {
 
     pub fn get(&self, path: &str) -> Response {
         self.request("GET", path, None)
+    }
+
+    /// A request with `Authorization: Bearer <token>`.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Response {
+        let auth = format!("Bearer {token}");
+        let body = body.map(|b| b.to_string().into_bytes());
+        http_request_with(
+            &self.addr,
+            method,
+            path,
+            &[("Authorization", &auth)],
+            body.as_deref(),
+            Duration::from_secs(90),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path} to the hub at {}: {e}", self.addr))
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Response {

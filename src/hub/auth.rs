@@ -1,0 +1,302 @@
+//! Bearer tokens: who a caller is.
+//!
+//! `tokens.json` in the hub's data dir maps each host id to the SHA-256 of its token; the
+//! token itself is printed once by `mesync token issue HOST` and never stored. Tokens are 32
+//! random bytes, so a fast hash is enough (there is nothing to brute-force), and a presented
+//! token is compared with every stored hash in constant time.
+//!
+//! Once any token exists, every `/v1` call needs one, and the caller's host id comes from it.
+//! A running hub notices a changed file on the next request (and on SIGHUP at the latest).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, IoContext, Result};
+use crate::message::{Timestamp, validate_name};
+use crate::spool;
+
+/// The file of token hashes, in the hub's data dir.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// Tokens start with this, so that one found in a log or a repository is recognisable.
+const TOKEN_PREFIX: &str = "msy_";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRecord {
+    /// Hex SHA-256 of the token.
+    sha256: String,
+    issued_at: String,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No token exists: open mode, anyone may act as any host.
+    Open,
+    /// The holder of this host's token.
+    Host(String),
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    Missing,
+    Invalid,
+}
+
+/// Creates a token for `host` (replacing any it had) and returns it: the only time it is
+/// shown.
+pub fn issue(data_dir: &Path, host: &str) -> Result<String> {
+    validate_name("host", host).map_err(Error::Invalid)?;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Config(format!("no randomness for a token: {e}")))?;
+    let token = format!("{TOKEN_PREFIX}{}", hex(&bytes));
+    let mut file = read(data_dir)?;
+    file.tokens.insert(
+        host.to_string(),
+        TokenRecord {
+            sha256: hex(&Sha256::digest(token.as_bytes())),
+            issued_at: Timestamp::now().to_string(),
+        },
+    );
+    write(data_dir, &file)?;
+    Ok(token)
+}
+
+/// Removes `host`'s token; false when it had none.
+pub fn revoke(data_dir: &Path, host: &str) -> Result<bool> {
+    let mut file = read(data_dir)?;
+    let had = file.tokens.remove(host).is_some();
+    if had {
+        write(data_dir, &file)?;
+    }
+    Ok(had)
+}
+
+/// The hosts that have a token, with when it was issued.
+pub fn list(data_dir: &Path) -> Result<Vec<(String, String)>> {
+    Ok(read(data_dir)?
+        .tokens
+        .into_iter()
+        .map(|(host, record)| (host, record.issued_at))
+        .collect())
+}
+
+fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join(TOKENS_FILE)
+}
+
+fn read(data_dir: &Path) -> Result<TokenFile> {
+    let path = path(data_dir);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
+        Err(source) => Err(Error::Io {
+            action: "read",
+            path,
+            source,
+        }),
+    }
+}
+
+fn write(data_dir: &Path, file: &TokenFile) -> Result<()> {
+    spool::ensure_dir(data_dir)?;
+    let bytes = serde_json::to_vec_pretty(file).expect("the token file serializes");
+    spool::write_atomic(data_dir, TOKENS_FILE, &bytes)?;
+    let path = path(data_dir);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).ctx("chmod", &path)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hub's view of the token file, reloaded when the file changes.
+pub struct Tokens {
+    path: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+#[derive(Default)]
+struct Loaded {
+    /// The modification time and size of the file last read; `None` when absent.
+    stamp: Option<(SystemTime, u64)>,
+    hashes: Vec<(String, [u8; 32])>,
+}
+
+impl Tokens {
+    /// Loads the hub's tokens; an unreadable file is an error at start-up.
+    pub fn load(data_dir: &Path) -> Result<Tokens> {
+        let tokens = Tokens {
+            path: path(data_dir),
+            loaded: Mutex::new(Loaded::default()),
+        };
+        let file = read(data_dir)?;
+        let mut loaded = tokens.lock();
+        loaded.stamp = stamp(&tokens.path);
+        loaded.hashes = hashes(&file)?;
+        drop(loaded);
+        Ok(tokens)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the file again if it changed. A broken file is logged and the tokens loaded
+    /// before are kept.
+    pub fn refresh(&self) {
+        let now = stamp(&self.path);
+        let mut loaded = self.lock();
+        if loaded.stamp == now {
+            return;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        match read(dir).and_then(|file| hashes(&file)) {
+            Ok(hashes) => {
+                if hashes.is_empty() && !loaded.hashes.is_empty() {
+                    tracing::warn!("no tokens left: the hub is in open mode again");
+                }
+                tracing::info!(hosts = hashes.len(), "tokens reloaded");
+                loaded.hashes = hashes;
+                loaded.stamp = now;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot reload the tokens; keeping the ones loaded before");
+                // Logged once per change of the file, not on every request.
+                loaded.stamp = now;
+            }
+        }
+    }
+
+    /// True when no token exists.
+    pub fn is_open(&self) -> bool {
+        self.refresh();
+        self.lock().hashes.is_empty()
+    }
+
+    /// Who presents this `Authorization` header.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Caller, Denied> {
+        self.refresh();
+        let loaded = self.lock();
+        if loaded.hashes.is_empty() {
+            return Ok(Caller::Open);
+        }
+        let token = header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(Denied::Missing)?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut found = None;
+        // Every hash is compared, in constant time, whatever matches.
+        for (host, hash) in &loaded.hashes {
+            if bool::from(hash.ct_eq(&presented)) {
+                found = Some(host.clone());
+            }
+        }
+        found.map(Caller::Host).ok_or(Denied::Invalid)
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn hashes(file: &TokenFile) -> Result<Vec<(String, [u8; 32])>> {
+    file.tokens
+        .iter()
+        .map(|(host, record)| {
+            let bytes = (0..record.sha256.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(record.sha256.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .ok()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "{TOKENS_FILE}: the hash of {host} is not 64 hex digits"
+                    ))
+                })?;
+            Ok((host.clone(), bytes))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_tokens_identify_their_host_until_revoked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tokens = Tokens::load(tmp.path()).unwrap();
+        assert_eq!(tokens.authenticate(None), Ok(Caller::Open));
+
+        let a = issue(tmp.path(), "alpha").unwrap();
+        let b = issue(tmp.path(), "beta").unwrap();
+        assert!(a.starts_with(TOKEN_PREFIX) && a != b);
+        let text = fs::read_to_string(path(tmp.path())).unwrap();
+        assert!(
+            !text.contains(&a[TOKEN_PREFIX.len()..]),
+            "only hashes are stored"
+        );
+        let mode = fs::metadata(path(tmp.path())).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let header = |t: &str| format!("Bearer {t}");
+        assert_eq!(
+            tokens.authenticate(Some(&header(&a))),
+            Ok(Caller::Host("alpha".into()))
+        );
+        assert_eq!(
+            tokens.authenticate(Some(&header(&b))),
+            Ok(Caller::Host("beta".into()))
+        );
+        assert_eq!(tokens.authenticate(None), Err(Denied::Missing));
+        assert_eq!(
+            tokens.authenticate(Some("Bearer msy_nope")),
+            Err(Denied::Invalid)
+        );
+        assert_eq!(
+            tokens.authenticate(Some(&a)),
+            Err(Denied::Missing),
+            "not a Bearer header"
+        );
+
+        assert!(revoke(tmp.path(), "alpha").unwrap());
+        assert!(!revoke(tmp.path(), "alpha").unwrap());
+        assert_eq!(tokens.authenticate(Some(&header(&a))), Err(Denied::Invalid));
+        assert_eq!(list(tmp.path()).unwrap().len(), 1);
+        assert!(issue(tmp.path(), "../x").is_err());
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_tokens_loaded_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = issue(tmp.path(), "alpha").unwrap();
+        let tokens = Tokens::load(tmp.path()).unwrap();
+        fs::write(path(tmp.path()), b"{ broken").unwrap();
+        let bearer = format!("Bearer {a}");
+        assert_eq!(
+            tokens.authenticate(Some(&bearer)),
+            Ok(Caller::Host("alpha".into()))
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! Bearer tokens: once any exists, the hub knows who calls and lets each host act only as
+//! itself.
+
+mod support;
+
+use std::fs;
+
+use serde_json::json;
+use support::*;
+
+/// Issues a token for `host` with the CLI, as an operator would on the hub's machine.
+fn issue(hub: &Hub, host: &str) -> String {
+    let out = token_cmd(hub, &["issue", host]);
+    assert!(out.success(), "token issue {host}: {}", out.stderr);
+    let token = out.stdout.trim().to_string();
+    assert!(
+        !token.is_empty() && !token.contains(char::is_whitespace),
+        "the token alone on stdout: {:?}",
+        out.stdout
+    );
+    token
+}
+
+fn token_cmd(hub: &Hub, args: &[&str]) -> Out {
+    let home = hub.data_dir().parent().expect("data dir has a parent");
+    let mut cmd = clean_command(home);
+    cmd.arg("token")
+        .args(args)
+        .arg("--data-dir")
+        .arg(hub.data_dir());
+    run(cmd, None, TIMEOUT)
+}
+
+#[test]
+fn tokens_identify_callers_and_confine_them_to_their_own_queue() {
+    let hub = Hub::start();
+    // Open mode before any token: anyone may pull anyone's queue.
+    assert_eq!(hub.get("/v1/messages?host=alpha&wait=0").status, 200);
+
+    let alpha = issue(&hub, "alpha");
+    let beta = issue(&hub, "beta");
+    let stored = fs::read_to_string(hub.data_dir().join("tokens.json")).expect("tokens.json");
+    assert!(
+        !stored.contains(&alpha) && !stored.contains(&beta),
+        "only hashes are stored"
+    );
+    let listed = token_cmd(&hub, &["list"]);
+    assert!(listed.stdout.contains("alpha") && listed.stdout.contains("beta"));
+
+    // 401 without a token, and with a wrong one; the running hub picked the file up.
+    let r = hub.get("/v1/messages?host=alpha&wait=0");
+    r.assert_error(401, "no token");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    hub.request_as("msy_wrong", "GET", "/v1/messages?host=alpha&wait=0", None)
+        .assert_error(401, "a wrong token");
+    hub.get("/v1/hosts")
+        .assert_error(401, "the registry without a token");
+    assert_eq!(hub.get("/healthz").status, 200, "health stays open");
+    assert_eq!(
+        hub.get("/metrics").status,
+        200,
+        "metrics stay open on loopback"
+    );
+
+    // 403 for another host's queue.
+    hub.request_as(&alpha, "GET", "/v1/messages?host=beta&wait=0", None)
+        .assert_error(403, "pulling beta's queue with alpha's token");
+    let ack = json!({"host": "beta", "ids": [uuid::Uuid::new_v4()]});
+    hub.request_as(&alpha, "POST", "/v1/ack", Some(&ack))
+        .assert_error(403, "acking beta's queue with alpha's token");
+
+    // A spoofed source is rewritten to the token's host.
+    let msg = message("tok.test", "beta", Some("beta"), "normal", json!({"x": 1}));
+    let r = hub.request_as(&alpha, "POST", "/v1/messages", Some(&msg));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = hub.request_as(&beta, "GET", "/v1/messages?host=beta&wait=0", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pulled = r.json();
+    assert_eq!(pulled["messages"][0]["id"], msg["id"]);
+    assert_eq!(
+        pulled["messages"][0]["source"], "alpha",
+        "source comes from the token"
+    );
+
+    // Revoking takes effect at once.
+    let out = token_cmd(&hub, &["revoke", "beta"]);
+    assert!(out.success(), "{}", out.stderr);
+    hub.request_as(&beta, "GET", "/v1/messages?host=beta&wait=0", None)
+        .assert_error(401, "a revoked token");
+    let out = token_cmd(&hub, &["revoke", "beta"]);
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "revoking twice is an error: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn agents_with_tokens_deliver_end_to_end_and_a_wrong_token_is_refused() {
+    let hub = Hub::start();
+    let tx_token = issue(&hub, "tx");
+    let rx_token = issue(&hub, "rx");
+    let mut tx = Agent::new(&hub.url(), "tx").with_env("MESYNC_TOKEN", &tx_token);
+    let mut rx = Agent::new(&hub.url(), "rx").with_env("MESYNC_TOKEN", &rx_token);
+    rx.start();
+    tx.start();
+    let id = tx.send("tok.e2e", r#"{"n": 1}"#, &["--target", "rx"]);
+    wait_until(TIMEOUT, "delivery with tokens", || rx.has(&id));
+    let broadcast = tx.send("tok.e2e", r#"{"n": 2}"#, &[]);
+    wait_until(TIMEOUT, "a broadcast with tokens", || rx.has(&broadcast));
+
+    // An agent with a wrong token delivers nothing; its message is refused for good.
+    let mut bad = Agent::new(&hub.url(), "bad").with_env("MESYNC_TOKEN", "msy_not_a_token");
+    bad.start();
+    bad.send("tok.e2e", r#"{"n": 3}"#, &["--target", "rx"]);
+    wait_until(TIMEOUT, "the refused message goes to failed/", || {
+        bad.files("failed").iter().any(|f| f.ends_with(".reason"))
+    });
+    let reason = bad
+        .files("failed")
+        .into_iter()
+        .find(|f| f.ends_with(".reason"))
+        .map(|f| fs::read_to_string(bad.dir("failed").join(f)).unwrap_or_default())
+        .unwrap_or_default();
+    assert!(reason.contains("401"), "the reason says why: {reason}");
+    assert_eq!(
+        rx.inbox().len(),
+        2,
+        "nothing from the agent with a wrong token"
+    );
+}
