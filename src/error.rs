@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file system operation failed.
-    #[error("{}: {action}: {source}", path.display())]
+    #[error("{}: {action}: {source}", one_line(&path.display().to_string()))]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -15,14 +15,30 @@ pub enum Error {
         source: io::Error,
     },
     /// The configuration (file, environment or flags) is wrong.
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Config(String),
     /// A message, or an input meant to become one, is invalid.
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Invalid(String),
     /// Talking to the hub failed.
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Http(String),
+}
+
+/// Text from users and file names, with control characters escaped: an error is one line.
+pub fn one_line(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 impl Error {
@@ -65,5 +81,22 @@ impl<T> IoContext<T> for io::Result<T> {
             path: path.to_path_buf(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_one_line_whatever_the_input() {
+        let err = Error::Io {
+            action: "read",
+            path: PathBuf::from("a\nb"),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert!(!err.to_string().contains('\n'), "{err}");
+        assert_eq!(one_line("plain"), "plain");
+        assert_eq!(one_line("x\ty"), "x\\ty");
     }
 }

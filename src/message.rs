@@ -236,7 +236,14 @@ impl From<DateTime<Utc>> for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.to_rfc3339_opts(SecondsFormat::Micros, false))
+        // Microseconds, as the seed writes them; nanoseconds only when a time has them,
+        // so that a message passes through unchanged.
+        let format = if self.0.timestamp_subsec_nanos() % 1000 == 0 {
+            SecondsFormat::Micros
+        } else {
+            SecondsFormat::Nanos
+        };
+        f.write_str(&self.0.to_rfc3339_opts(format, false))
     }
 }
 

@@ -381,10 +381,15 @@ fn batch_body(batch: &[Arc<Ready>]) -> Bytes {
 /// Moves `outbox/<file>` to `failed/` with a `<file>.reason` beside it.
 pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
     let failed = config.failed_dir();
-    let mut name = file.to_string();
+    // A file whose name ends in `.reason` would pass for the reason of another.
+    let base = match file.strip_suffix(REASON_SUFFIX) {
+        Some(stem) => format!("{stem}.reason-file"),
+        None => file.to_string(),
+    };
+    let mut name = base.clone();
     let mut n = 1;
-    while failed.join(&name).exists() {
-        name = format!("{file}.{n}");
+    while failed.join(&name).exists() || failed.join(format!("{name}{REASON_SUFFIX}")).exists() {
+        name = format!("{base}.{n}");
         n += 1;
     }
     spool::move_file(&config.outbox_dir().join(file), &failed, &name, true)?;
