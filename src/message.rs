@@ -238,7 +238,7 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Microseconds, as the seed writes them; nanoseconds only when a time has them,
         // so that a message passes through unchanged.
-        let format = if self.0.timestamp_subsec_nanos() % 1000 == 0 {
+        let format = if self.0.timestamp_subsec_nanos().is_multiple_of(1000) {
             SecondsFormat::Micros
         } else {
             SecondsFormat::Nanos
