@@ -2,8 +2,12 @@
 //! environment; it is killed with its whole process group after the timeout.
 //!
 //! Loose hook files are refused before anything runs, as sshd and cron refuse them: not a
-//! regular file, writable by group or others, or owned by someone other than root or the
-//! agent's user.
+//! regular file, writable by group or others, or owned by someone other than root, the
+//! agent's user or the user it runs as.
+//!
+//! An agent running as root never runs a hook as root by accident: it runs it as
+//! `hook_user` when set, else as the hook file's owner, switching groups and user between
+//! fork and exec. An agent that is not root runs hooks as itself.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,7 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::{Pid, Uid, User};
+use nix::unistd::{Gid, Pid, Uid, User};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
@@ -64,6 +68,8 @@ pub struct HookRun<'a> {
     pub inbox_file: &'a Path,
     pub attempt: u32,
     pub timeout: Duration,
+    /// `hook_user` from the configuration.
+    pub hook_user: Option<&'a str>,
 }
 
 impl HookRun<'_> {
@@ -75,14 +81,15 @@ impl HookRun<'_> {
     /// Runs the hook, if there is one, and reports how it ended.
     pub async fn run(&self) -> Outcome {
         let path = self.path();
-        if let Err(outcome) = check_hook_file(&path) {
-            return outcome;
-        }
+        let identity = match check_hook_file(&path, self.hook_user) {
+            Ok(identity) => identity,
+            Err(outcome) => return outcome,
+        };
         let id = self.message.id;
         let mut command = Command::new(&path);
         command
             .env_clear()
-            .envs(user_environment())
+            .envs(identity.environment())
             .env("MESYNC_MESSAGE_ID", id.to_string())
             .env("MESYNC_MESSAGE_TYPE", &self.message.kind)
             .env("MESYNC_SOURCE", &self.message.source)
@@ -96,6 +103,7 @@ impl HookRun<'_> {
             // Its own process group, so a timeout kills everything it started.
             .process_group(0)
             .kill_on_drop(true);
+        identity.apply(&mut command);
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => return Outcome::SpawnError(e.to_string()),
@@ -160,8 +168,127 @@ impl HookRun<'_> {
     }
 }
 
-/// Checks that the hook exists and may be run. `Err(NoHook)` when there is none.
-fn check_hook_file(path: &Path) -> Result<(), Outcome> {
+/// The user a hook runs as.
+struct Identity {
+    /// `None`: as the agent itself (the agent is not root).
+    switch: Option<Switch>,
+    home: Option<String>,
+    name: Option<String>,
+    /// The agent's own PATH when it runs hooks as itself; a standard one for another user.
+    path: String,
+}
+
+/// What changes between fork and exec: supplementary groups, then the group, then the user.
+struct Switch {
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
+}
+
+impl Identity {
+    /// PATH, HOME, USER and LOGNAME of the user the hook runs as, and nothing else.
+    fn environment(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("PATH", self.path.clone())];
+        if let Some(home) = &self.home {
+            env.push(("HOME", home.clone()));
+        }
+        if let Some(name) = &self.name {
+            env.push(("USER", name.clone()));
+            env.push(("LOGNAME", name.clone()));
+        }
+        env
+    }
+
+    fn apply(&self, command: &mut Command) {
+        let Some(switch) = &self.switch else {
+            return;
+        };
+        let (uid, gid, groups) = (switch.uid, switch.gid, switch.groups.clone());
+        // SAFETY: the closure runs in the forked child before exec and only makes system
+        // calls (setgroups, setgid, setuid): no allocation, no locks.
+        unsafe {
+            command.pre_exec(move || {
+                set_groups(&groups)?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+                Ok(())
+            });
+        }
+    }
+
+    /// Who the hook at `owner_uid` runs as, given `hook_user`.
+    fn resolve(owner_uid: u32, hook_user: Option<&str>) -> Result<Identity, Outcome> {
+        let me = Uid::effective();
+        if !me.is_root() {
+            let user = User::from_uid(me).ok().flatten();
+            return Ok(Identity {
+                switch: None,
+                home: user
+                    .as_ref()
+                    .map(|u| u.dir.display().to_string())
+                    .or_else(|| std::env::var("HOME").ok()),
+                name: user.map(|u| u.name),
+                path: std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()),
+            });
+        }
+        let user = match hook_user {
+            Some(name) => User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| Outcome::Refused(format!("hook_user {name:?} does not exist")))?,
+            None => User::from_uid(Uid::from_raw(owner_uid))
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    Outcome::Refused(format!(
+                        "its owner, uid {owner_uid}, is not a user of this system"
+                    ))
+                })?,
+        };
+        let groups = supplementary_groups(&user);
+        Ok(Identity {
+            switch: Some(Switch {
+                uid: user.uid,
+                gid: user.gid,
+                groups,
+            }),
+            home: Some(user.dir.display().to_string()),
+            name: Some(user.name),
+            path: DEFAULT_PATH.to_string(),
+        })
+    }
+}
+
+/// The user's groups from the group database, read in the parent (reading it in the forked
+/// child of a threaded process could deadlock).
+#[cfg(target_os = "linux")]
+fn supplementary_groups(user: &User) -> Vec<Gid> {
+    let Ok(name) = std::ffi::CString::new(user.name.clone()) else {
+        return vec![user.gid];
+    };
+    nix::unistd::getgrouplist(&name, user.gid).unwrap_or_else(|_| vec![user.gid])
+}
+
+#[cfg(not(target_os = "linux"))]
+fn supplementary_groups(user: &User) -> Vec<Gid> {
+    vec![user.gid]
+}
+
+#[cfg(not(any(target_os = "macos", target_os = "ios")))]
+fn set_groups(groups: &[Gid]) -> nix::Result<()> {
+    nix::unistd::setgroups(groups)
+}
+
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+fn set_groups(groups: &[Gid]) -> nix::Result<()> {
+    // setgroups is not wrapped by nix on Apple systems; the primary group is set next.
+    let _ = groups;
+    Ok(())
+}
+
+/// Checks that the hook exists and may be run, and decides who runs it. `Err(NoHook)` when
+/// there is none.
+fn check_hook_file(path: &Path, hook_user: Option<&str>) -> Result<Identity, Outcome> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Outcome::NoHook),
@@ -177,31 +304,19 @@ fn check_hook_file(path: &Path) -> Result<(), Outcome> {
             mode & 0o7777
         )));
     }
+    let identity = Identity::resolve(meta.uid(), hook_user)?;
     let me = Uid::effective().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
+    let runs_as = identity.switch.as_ref().map_or(me, |s| s.uid.as_raw());
+    if meta.uid() != 0 && meta.uid() != me && meta.uid() != runs_as {
         return Err(Outcome::Refused(format!(
-            "owned by uid {}, neither root nor the agent's user (uid {me})",
+            "owned by uid {}, neither root, the agent's user (uid {me}) nor the hook's (uid {runs_as})",
             meta.uid()
         )));
     }
-    if mode & 0o100 == 0 {
-        return Err(Outcome::Refused("not executable; chmod u+x it".into()));
+    if mode & 0o111 == 0 {
+        return Err(Outcome::Refused("not executable; chmod +x it".into()));
     }
-    Ok(())
-}
-
-/// PATH, HOME, USER and LOGNAME of the user the hook runs as, and nothing else.
-fn user_environment() -> Vec<(&'static str, String)> {
-    let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
-    let mut env = vec![("PATH", path)];
-    if let Ok(Some(user)) = User::from_uid(Uid::effective()) {
-        env.push(("HOME", user.dir.display().to_string()));
-        env.push(("USER", user.name.clone()));
-        env.push(("LOGNAME", user.name));
-    } else if let Ok(home) = std::env::var("HOME") {
-        env.push(("HOME", home));
-    }
-    env
+    Ok(identity)
 }
 
 async fn log_lines(stream: impl tokio::io::AsyncRead + Unpin, id: uuid::Uuid, which: &'static str) {
@@ -220,16 +335,17 @@ mod tests {
     fn loose_hook_files_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let hook = tmp.path().join("t");
-        assert_eq!(check_hook_file(&hook), Err(Outcome::NoHook));
+        let check = |p: &Path| check_hook_file(p, None).map(|_| ());
+        assert_eq!(check(&hook), Err(Outcome::NoHook));
         fs::write(&hook, "#!/bin/sh\n").unwrap();
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(check_hook_file(&hook), Err(Outcome::Refused(_))));
+        assert!(matches!(check(&hook), Err(Outcome::Refused(_))));
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o757)).unwrap();
-        assert!(matches!(check_hook_file(&hook), Err(Outcome::Refused(_))));
+        assert!(matches!(check(&hook), Err(Outcome::Refused(_))));
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
-        assert_eq!(check_hook_file(&hook), Ok(()));
+        assert_eq!(check(&hook), Ok(()));
         let dir = tmp.path().join("d");
         fs::create_dir(&dir).unwrap();
-        assert!(matches!(check_hook_file(&dir), Err(Outcome::Refused(_))));
+        assert!(matches!(check(&dir), Err(Outcome::Refused(_))));
     }
 }

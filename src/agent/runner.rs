@@ -69,6 +69,7 @@ async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
             inbox_file: &inbox_file,
             attempt,
             timeout: agent.config.hook_timeout,
+            hook_user: agent.config.hook_user.as_deref(),
         };
         let path = run.path();
         if path.exists() {

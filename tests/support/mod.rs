@@ -998,6 +998,8 @@ pub struct Agent {
     pub host_id: String,
     tmp: TempDir,
     env: BTreeMap<String, Option<String>>,
+    /// A command the agent is started under (e.g. `setpriv --reuid=...`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
     pub logs: Logs,
 }
@@ -1023,9 +1025,16 @@ impl Agent {
             host_id: host_id.to_string(),
             tmp,
             env,
+            wrapper: Vec::new(),
             child: None,
             logs: Logs::default(),
         }
+    }
+
+    /// Starts the agent under `wrapper` (a command that then runs `mesync start ...`).
+    pub fn with_wrapper(mut self, wrapper: &[&str]) -> Agent {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Sets an environment variable for everything this agent runs.
@@ -1105,7 +1114,21 @@ impl Agent {
             "[harness] starting agent {} {args:?}",
             self.host_id
         ));
-        let mut cmd = self.command_with(&[]);
+        let mesync = self.command_with(&[]);
+        let mut cmd = match self.wrapper.split_first() {
+            None => mesync,
+            Some((program, wrapper_args)) => {
+                let mut wrapped = Command::new(program);
+                wrapped.args(wrapper_args).arg(BIN).stdin(Stdio::null());
+                for (key, value) in mesync.get_envs() {
+                    match value {
+                        Some(v) => wrapped.env(key, v),
+                        None => wrapped.env_remove(key),
+                    };
+                }
+                wrapped
+            }
+        };
         cmd.arg("start").args(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd
