@@ -1,8 +1,9 @@
 //! HTTP API v1: one `match` sends each request to its handler; every answer is JSON (or
 //! Prometheus text), every error `{"error": "..."}` with the status that fits.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,11 +27,18 @@ const DEFAULT_FETCH: usize = 100;
 const MAX_FETCH: usize = 1000;
 /// Bodies other than message sends (acks) are small.
 const MAX_SMALL_BODY: usize = 1024 * 1024;
+/// The most a request's head (request line and headers) may take.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Long-polls one host may hold open at once: an agent needs one; a few more allow for a
+/// restart racing the old connection's timeout. More would let one host tie up the hub.
+const MAX_POLLS_PER_HOST: usize = 4;
 
 /// What the handlers share.
 pub struct Api<S> {
     pub store: S,
     pub tokens: Tokens,
+    /// Long-polls open, by host.
+    pub polls: Mutex<HashMap<String, usize>>,
     pub max_message_bytes: usize,
     pub shutdown: CancellationToken,
 }
@@ -60,7 +68,7 @@ impl<S: Store> Api<S> {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let result = match self.authorize(&req, &path, peer) {
+        let result = match Self::check_head(&req).and_then(|()| self.authorize(&req, &path, peer)) {
             Err(refusal) => Err(refusal),
             Ok(caller) => self.route(req, &method, &path, caller, peer).await,
         };
@@ -75,6 +83,23 @@ impl<S: Store> Api<S> {
             }
             answer
         })
+    }
+
+    /// Refuses a request whose head is larger than [`MAX_HEAD_BYTES`].
+    fn check_head(req: &Request<Incoming>) -> Result<(), Refusal> {
+        let size: usize = req.uri().to_string().len()
+            + req
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        if size > MAX_HEAD_BYTES {
+            return Err(Refusal(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("the request head is over the limit of {MAX_HEAD_BYTES} bytes"),
+            ));
+        }
+        Ok(())
     }
 
     /// Who is calling. `/healthz` is open to all; `/metrics` to loopback; every `/v1` call
@@ -126,7 +151,7 @@ impl<S: Store> Api<S> {
                 self.remove_host(&p["/v1/hosts/".len()..]).await
             }
             (Method::GET, "/healthz") => Ok(self.healthz().await),
-            (Method::GET, "/metrics") => Ok(text(self.store.metrics())),
+            (Method::GET, "/metrics") => Ok(text(self.store.metrics() + &self.poll_metrics())),
             (_, "/v1/messages" | "/v1/ack" | "/v1/hosts" | "/healthz" | "/metrics") => {
                 Err(Refusal(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -257,6 +282,11 @@ impl<S: Store> Api<S> {
         let query = Query::parse(req.uri().query().unwrap_or(""))?;
         let host = own_host(caller, query.host)?;
         self.register(&host).await?;
+        let _poll = if query.wait.is_zero() {
+            None
+        } else {
+            Some(PollSlot::take(&self.polls, &host)?)
+        };
         let deadline = tokio::time::Instant::now() + query.wait.min(MAX_WAIT);
         let notify = self.store.waiter(&host);
         loop {
@@ -309,6 +339,20 @@ impl<S: Store> Api<S> {
         }
     }
 
+    /// The long-polls open now, for /metrics.
+    fn poll_metrics(&self) -> String {
+        let open: usize = self
+            .polls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum();
+        format!(
+            "# HELP mesync_long_polls_open Long-polls waiting at the hub.\n\
+             # TYPE mesync_long_polls_open gauge\nmesync_long_polls_open {open}\n"
+        )
+    }
+
     async fn healthz(&self) -> Answer {
         match self.store.health().await {
             Ok(()) => json_answer(StatusCode::OK, &json!({"status": "ok"})),
@@ -330,6 +374,42 @@ impl<S: Store> Api<S> {
                 internal(e)
             }
         })
+    }
+}
+
+/// One of a host's long-poll slots, given back when dropped.
+struct PollSlot<'a> {
+    polls: &'a Mutex<HashMap<String, usize>>,
+    host: String,
+}
+
+impl<'a> PollSlot<'a> {
+    fn take(polls: &'a Mutex<HashMap<String, usize>>, host: &str) -> Result<PollSlot<'a>, Refusal> {
+        let mut open = polls.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(host.to_string()).or_default();
+        if *count >= MAX_POLLS_PER_HOST {
+            return Err(Refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("host {host} already has {MAX_POLLS_PER_HOST} long-polls open"),
+            ));
+        }
+        *count += 1;
+        Ok(PollSlot {
+            polls,
+            host: host.to_string(),
+        })
+    }
+}
+
+impl Drop for PollSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.polls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.host) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.host);
+            }
+        }
     }
 }
 

@@ -96,6 +96,7 @@ pub async fn run(
     let api = Arc::new(Api {
         store,
         tokens,
+        polls: Default::default(),
         max_message_bytes: usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
     });
@@ -162,6 +163,7 @@ async fn accept_loop<S: Store>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(api::MAX_HEAD_BYTES * 4)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -1,0 +1,121 @@
+//! The hub's limits against clients that misbehave: oversized headers, too many long-polls
+//! for one host, slow clients; and error answers that say nothing of the hub's insides.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn oversized_headers_are_refused_and_the_hub_keeps_serving() {
+    let hub = Hub::start();
+    let huge = "x".repeat(100 * 1024);
+    let answer = http_request_with(
+        hub.addr(),
+        "GET",
+        "/healthz",
+        &[("X-Filler", &huge)],
+        None,
+        Duration::from_secs(10),
+    );
+    match answer {
+        Ok(r) => assert_eq!(r.status, 431, "a 100 KiB header: {}", r.text()),
+        // Closing the connection is a refusal too; what matters is that nothing was served.
+        Err(e) => eprintln!("connection closed on a huge header: {e}"),
+    }
+    assert_eq!(hub.get("/healthz").status, 200, "the hub keeps serving");
+}
+
+#[test]
+fn one_host_cannot_hold_more_than_four_long_polls() {
+    let hub = Hub::start();
+    let addr = hub.addr().to_string();
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            thread::spawn(move || {
+                http_request(
+                    &addr,
+                    "GET",
+                    "/v1/messages?host=greedy&wait=8",
+                    None,
+                    Duration::from_secs(30),
+                )
+            })
+        })
+        .collect();
+    wait_until(TIMEOUT, "the four long-polls wait at the hub", || {
+        hub.get("/metrics")
+            .text()
+            .contains("mesync_long_polls_open 4")
+    });
+    // The fifth is refused at once, while the four wait; other hosts are not affected.
+    hub.get("/v1/messages?host=greedy&wait=1")
+        .assert_error(429, "a fifth long-poll");
+    let started = Instant::now();
+    let other = hub.get("/v1/messages?host=modest&wait=1");
+    assert_eq!(other.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    for poll in waiting {
+        let r = poll.join().expect("poll thread").expect("long-poll answer");
+        assert_eq!(r.status, 200);
+    }
+    // The slots are given back.
+    assert_eq!(hub.get("/v1/messages?host=greedy&wait=0.1").status, 200);
+}
+
+#[test]
+fn a_slow_client_does_not_hold_up_the_others() {
+    let hub = Hub::start();
+    // Half a request line, then nothing: a slowloris.
+    let mut slow = TcpStream::connect(hub.addr()).expect("connect");
+    slow.write_all(b"GET /v1/mess").expect("write");
+    let mut idle: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(hub.addr()).expect("connect"))
+        .collect();
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(hub.get("/healthz").status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "other clients are served while slow ones hang: {:?}",
+        started.elapsed()
+    );
+    // The slow connection is still open (it is cut only after the header timeout).
+    slow.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert!(slow.read(&mut buf).is_err(), "no answer to half a request");
+    idle.clear();
+}
+
+#[test]
+fn error_answers_do_not_leak_paths_or_internals() {
+    let hub = Hub::start();
+    let data_dir = hub.data_dir().display().to_string();
+    for (method, path, body) in [
+        ("GET", "/nope", None),
+        ("POST", "/v1/messages", Some(b"{not json".as_slice())),
+        ("POST", "/v1/ack", Some(b"[]".as_slice())),
+        ("GET", "/v1/messages?host=../../etc", None),
+        ("PUT", "/v1/messages", None),
+    ] {
+        let r = hub.request(method, path, body);
+        assert!(r.status >= 400, "{method} {path}: {}", r.status);
+        let text = r.text();
+        assert!(
+            !text.contains(&data_dir),
+            "{method} {path} leaks the data dir: {text}"
+        );
+        assert!(
+            !text.contains("/tmp") && !text.contains("panicked"),
+            "{method} {path}: {text}"
+        );
+        r.assert_error(r.status, path);
+    }
+}
