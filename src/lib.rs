@@ -25,5 +25,6 @@ pub mod error;
 pub mod hooks;
 pub mod hub;
 pub mod message;
+pub mod service;
 pub mod shutdown;
 pub mod spool;

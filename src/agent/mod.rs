@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::HubClient;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::spool;
+use crate::{service, spool};
 use clock::{ClockWatch, wall_seconds};
 use ledger::Ledger;
 use status::Status;
@@ -124,12 +124,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let puller = tokio::spawn(inbox::run(Arc::clone(&agent)));
     let hooks = tokio::spawn(runner::run(Arc::clone(&agent)));
     let keeper = tokio::spawn(housekeeping(Arc::clone(&agent)));
+    let reporter = tokio::spawn(report_loop(Arc::clone(&agent)));
 
     shutdown.cancelled().await;
+    service::stopping();
     tracing::info!("shutting down: finishing the work in hand");
     let _ = sender.await;
     let _ = puller.await;
     let _ = keeper.await;
+    let _ = reporter.await;
     if tokio::time::timeout(HOOK_GRACE, hooks).await.is_err() {
         tracing::warn!("a hook did not finish in time; it will run again after the restart");
     }
@@ -145,6 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 async fn housekeeping(agent: Arc<Agent>) {
     let mut last_debris_sweep: Option<tokio::time::Instant> = None;
     let mut clock = Arc::new(ClockWatch::default());
+    let mut first = true;
     loop {
         let config = agent.config.clone();
         let sweep_debris = last_debris_sweep.is_none_or(|t| t.elapsed() >= DEBRIS_SWEEP);
@@ -163,11 +167,53 @@ async fn housekeeping(agent: Arc<Agent>) {
             let status = agent.status.lock().unwrap_or_else(|p| p.into_inner());
             status.save(&agent.config.state_dir());
         }
+        if first {
+            // The first tick ran: the queues are in order and every loop is going.
+            service::ready(&status_line(&agent));
+            first = false;
+        }
         tokio::select! {
             _ = tokio::time::sleep(agent.config.poll_interval) => {}
             _ = agent.shutdown.cancelled() => return,
         }
     }
+}
+
+/// How often the status line is refreshed when there is no watchdog to keep pace with.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the service manager informed: a status line, and WATCHDOG=1 at half the watchdog
+/// interval, from the runtime that runs every loop (a wedged runtime stops the pings).
+async fn report_loop(agent: Arc<Agent>) {
+    let watchdog = service::watchdog_interval();
+    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = agent.shutdown.cancelled() => return,
+        }
+        if watchdog.is_some() {
+            service::watchdog();
+        }
+        service::status(&status_line(&agent));
+    }
+}
+
+/// "hub reachable, last sync ..., 2 hooks pending", for `systemctl status`.
+fn status_line(agent: &Agent) -> String {
+    let status = agent
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let hub = match status.hub_reachable {
+        Some(true) => "hub reachable",
+        Some(false) => "hub NOT reachable",
+        None => "hub not contacted yet",
+    };
+    let last = status.last_sync.as_deref().unwrap_or("never");
+    let hooks = agent.ledger().pending_hooks();
+    format!("{hub}, last sync {last}, {hooks} hooks pending")
 }
 
 /// One housekeeping pass: `sent/` purge, and crash debris when `sweep_debris`.

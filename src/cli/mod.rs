@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
 use crate::message::Priority;
-use crate::{agent, demo, hub, shutdown};
+use crate::{agent, demo, hub, service, shutdown};
 
 /// Lightweight, filesystem-native cross-machine message sync.
 ///
@@ -37,8 +37,20 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     pub base_dir: Option<PathBuf>,
 
+    /// Where logs go: `auto` (the journal when stderr is the journal, else text on stderr),
+    /// `journal` or `text`
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Journal,
+    Text,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,7 +204,11 @@ pub fn run(cli: Cli) -> Result<()> {
             overrides.listen = listen;
             overrides.data_dir = data_dir;
             let config = Config::load(&overrides)?;
-            let listeners = hub::bind(&config.hub.listen)?;
+            // Sockets passed by systemd win; without them the hub binds its own.
+            let mut listeners = service::inherited_listeners()?;
+            if listeners.is_empty() {
+                listeners = hub::bind(&config.hub.listen)?;
+            }
             runtime()?.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HubConfig;
 use crate::error::{Error, IoContext, Result};
+use crate::service;
 use api::Api;
 use store::{FileStore, Store};
 
@@ -118,11 +119,15 @@ pub async fn run(
         ));
     }
     let sweeper = tokio::spawn(expiry_loop(Arc::clone(&api), shutdown.clone()));
+    service::ready(&status_line(&api.store));
+    let reporter = tokio::spawn(report_loop(Arc::clone(&api), shutdown.clone()));
 
     shutdown.cancelled().await;
+    service::stopping();
     tracing::info!("shutting down: no new connections, draining requests in flight");
     while accept_loops.join_next().await.is_some() {}
     let _ = sweeper.await;
+    let _ = reporter.await;
     if let Ok(graceful) = Arc::try_unwrap(graceful)
         && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
             .await
@@ -172,6 +177,33 @@ async fn accept_loop<S: Store>(
             }
         });
     }
+}
+
+/// How often the status line is refreshed when there is no watchdog to keep pace with.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the service manager informed: a status line, and WATCHDOG=1 at half the watchdog
+/// interval. It runs on the same runtime as the requests, so a wedged runtime stops it.
+async fn report_loop<S: Store>(api: Arc<Api<S>>, shutdown: CancellationToken) {
+    let watchdog = service::watchdog_interval();
+    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if watchdog.is_some() {
+            service::watchdog();
+        }
+        service::status(&status_line(&api.store));
+    }
+}
+
+/// "12 hosts, 30 pending", for `systemctl status`.
+fn status_line<S: Store>(store: &S) -> String {
+    let hosts = store.hosts();
+    let pending: usize = hosts.iter().map(|h| h.pending).sum();
+    format!("{} hosts, {pending} messages pending", hosts.len())
 }
 
 async fn expiry_loop<S: Store>(api: Arc<Api<S>>, shutdown: CancellationToken) {

@@ -1,0 +1,146 @@
+//! Running under a service manager: sd_notify messages (READY, STATUS, WATCHDOG, STOPPING)
+//! received on a datagram socket the test binds as NOTIFY_SOCKET, and the hub serving on a
+//! socket passed by `systemd-socket-activate`.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Collects notifications from a NOTIFY_SOCKET until `done` says enough.
+fn collect(
+    socket: &UnixDatagram,
+    deadline: Duration,
+    mut done: impl FnMut(&[String]) -> bool,
+) -> Vec<String> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < deadline && !done(&seen) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            seen.extend(text.lines().map(str::to_string));
+        }
+    }
+    seen
+}
+
+fn has(seen: &[String], prefix: &str) -> bool {
+    seen.iter().any(|l| l.starts_with(prefix))
+}
+
+#[test]
+fn hub_and_agent_tell_the_service_manager_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub_socket_path = dir.path().join("hub.notify");
+    let hub_socket = UnixDatagram::bind(&hub_socket_path).expect("bind notify socket");
+    let notify = hub_socket_path.to_string_lossy().to_string();
+    let mut hub = Hub::start_with(
+        &[],
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "1000000")],
+    );
+    let seen = collect(&hub_socket, TIMEOUT, |s| {
+        has(s, "READY=1") && has(s, "STATUS=") && has(s, "WATCHDOG=1")
+    });
+    assert!(has(&seen, "READY=1"), "hub READY: {seen:?}");
+    assert!(has(&seen, "STATUS="), "hub STATUS: {seen:?}");
+    assert!(
+        has(&seen, "WATCHDOG=1"),
+        "hub WATCHDOG with WATCHDOG_USEC set: {seen:?}"
+    );
+
+    let agent_socket_path = dir.path().join("agent.notify");
+    let agent_socket = UnixDatagram::bind(&agent_socket_path).expect("bind notify socket");
+    let mut agent = Agent::new(&hub.url(), "svc")
+        .with_env("NOTIFY_SOCKET", &agent_socket_path.to_string_lossy())
+        .with_env("WATCHDOG_USEC", "1000000");
+    agent.start();
+    let seen = collect(&agent_socket, TIMEOUT, |s| {
+        has(s, "READY=1") && has(s, "STATUS=") && has(s, "WATCHDOG=1")
+    });
+    assert!(has(&seen, "READY=1"), "agent READY: {seen:?}");
+    assert!(has(&seen, "STATUS="), "agent STATUS: {seen:?}");
+    assert!(has(&seen, "WATCHDOG=1"), "agent WATCHDOG: {seen:?}");
+
+    let status = agent.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent exits 0 on SIGTERM: {status:?}"
+    );
+    let seen = collect(&agent_socket, Duration::from_secs(2), |s| {
+        has(s, "STOPPING=1")
+    });
+    assert!(has(&seen, "STOPPING=1"), "agent STOPPING: {seen:?}");
+
+    let status = hub.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the hub exits 0 on SIGTERM: {status:?}"
+    );
+    let seen = collect(&hub_socket, Duration::from_secs(2), |s| {
+        has(s, "STOPPING=1")
+    });
+    assert!(has(&seen, "STOPPING=1"), "hub STOPPING: {seen:?}");
+}
+
+#[test]
+fn without_a_watchdog_there_is_no_watchdog_ping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hub.notify");
+    let socket = UnixDatagram::bind(&path).expect("bind");
+    let _hub = Hub::start_with(&[], &[("NOTIFY_SOCKET", &path.to_string_lossy())]);
+    let seen = collect(&socket, Duration::from_secs(3), |_| false);
+    assert!(has(&seen, "READY=1"), "{seen:?}");
+    assert!(
+        !has(&seen, "WATCHDOG=1"),
+        "no WATCHDOG_USEC, no pings: {seen:?}"
+    );
+}
+
+#[test]
+fn the_hub_serves_on_a_socket_passed_by_systemd_socket_activate() {
+    let tool = [
+        "/usr/bin/systemd-socket-activate",
+        "/bin/systemd-socket-activate",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let Some(tool) = tool else {
+        if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("systemd-socket-activate (Debian package systemd) is required");
+        }
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(tool)
+        .args(["-l", &listen, BIN, "serve", "--data-dir"])
+        .arg(dir.path().join("hub"))
+        .env("HOME", dir.path())
+        .env_remove("MESYNC_LISTEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start systemd-socket-activate");
+    // systemd-socket-activate execs the hub in its own process: killing it stops the hub.
+    let _hub = ChildGuard(child);
+    // The first connection starts the hub, which takes the socket it was given.
+    let mut answer = None;
+    let start = Instant::now();
+    while start.elapsed() < TIMEOUT && answer.is_none() {
+        answer = http_request(&listen, "GET", "/healthz", None, Duration::from_secs(10)).ok();
+        if answer.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let answer = answer.expect("an answer on the activated socket");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
