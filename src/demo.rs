@@ -44,14 +44,18 @@ pub async fn run() -> Result<()> {
     let hub_config = demo_config(&root.join("hub-base"), "hub", &url)?;
     let hub_token = shutdown.clone();
     let hub_task =
-        tokio::spawn(async move { hub::run(&hub_config.hub, listeners, hub_token).await });
+        tokio::spawn(async move { hub::run(&hub_config.hub, listeners, hub_token, None).await });
 
     let mut configs = HashMap::new();
     let mut agents = Vec::new();
     for host in HOSTS {
         let config = demo_config(&root.join(host), host, &url)?;
         agent::ensure_dirs(&config)?;
-        agents.push(tokio::spawn(agent::run(config.clone(), shutdown.clone())));
+        agents.push(tokio::spawn(agent::run(
+            config.clone(),
+            shutdown.clone(),
+            None,
+        )));
         configs.insert(host, config);
     }
     install_hook(&configs["gamma"], &root)?;

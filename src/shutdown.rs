@@ -1,4 +1,5 @@
-//! Turning SIGTERM and SIGINT into one cancellation that every loop watches.
+//! Signals: SIGTERM and SIGINT become one cancellation that every loop watches; SIGHUP asks
+//! for the configuration to be read again.
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,20 @@ pub fn on_signals(token: CancellationToken) -> Result<()> {
                 tracing::warn!(signal = name, "second signal: exiting now");
                 std::process::exit(1);
             }
+        }
+    });
+    Ok(())
+}
+
+/// Calls `reload` on every SIGHUP.
+pub fn on_hangup(reload: impl Fn() + Send + 'static) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot handle signals: {e}")))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            reload();
         }
     });
     Ok(())

@@ -144,3 +144,81 @@ fn the_hub_serves_on_a_socket_passed_by_systemd_socket_activate() {
     let answer = answer.expect("an answer on the activated socket");
     assert_eq!(answer.status, 200, "{}", answer.text());
 }
+
+fn hangup(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+}
+
+/// How many times `state/status.json` is rewritten (one per housekeeping tick) in `window`.
+fn ticks_in(agent: &Agent, window: Duration) -> usize {
+    let status = agent.dir("state").join("status.json");
+    let mtime = || std::fs::metadata(&status).and_then(|m| m.modified()).ok();
+    let start = Instant::now();
+    let mut last = mtime();
+    let mut ticks = 0;
+    while start.elapsed() < window {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = mtime();
+        if now != last {
+            ticks += 1;
+            last = now;
+        }
+    }
+    ticks
+}
+
+#[test]
+fn sighup_picks_up_a_changed_poll_interval_and_refuses_a_broken_config() {
+    let hub = Hub::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = dir.path().join("agent.notify");
+    let socket = UnixDatagram::bind(&notify_path).expect("bind");
+    let mut agent = Agent::new(&hub.url(), "hup")
+        .without_env("MESYNC_POLL_INTERVAL")
+        .with_env("NOTIFY_SOCKET", &notify_path.to_string_lossy());
+    let config = agent.base().join("config.toml");
+    std::fs::write(&config, "poll_interval = 60\n").expect("config");
+    agent.start();
+    let seen = collect(&socket, TIMEOUT, |s| has(s, "READY=1"));
+    assert!(has(&seen, "READY=1"), "{seen:?}");
+    assert!(
+        ticks_in(&agent, Duration::from_secs(2)) == 0,
+        "no housekeeping tick within 2 s at poll_interval 60"
+    );
+
+    std::fs::write(&config, "poll_interval = 1\n").expect("config");
+    hangup(agent.pid().expect("running"));
+    let seen = collect(&socket, TIMEOUT, |s| {
+        has(s, "RELOADING=1") && has(s, "READY=1")
+    });
+    assert!(
+        has(&seen, "RELOADING=1") && has(&seen, "READY=1"),
+        "{seen:?}"
+    );
+    assert!(
+        ticks_in(&agent, Duration::from_secs(4)) >= 2,
+        "poll_interval 1 is in force after SIGHUP"
+    );
+
+    std::fs::write(&config, "poll_intervall = 1\n").expect("config");
+    hangup(agent.pid().expect("running"));
+    wait_until(TIMEOUT, "the broken config is refused", || {
+        agent.logs.contains("keeping the one in force")
+    });
+    assert!(
+        agent.logs.contains("poll_intervall"),
+        "the log names the bad key"
+    );
+    assert!(
+        agent.is_running(),
+        "a broken config does not stop the agent"
+    );
+    assert!(
+        ticks_in(&agent, Duration::from_secs(4)) >= 2,
+        "the configuration in force is kept"
+    );
+}

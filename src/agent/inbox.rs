@@ -36,8 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The puller loop.
 pub async fn run(agent: Arc<Agent>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-    let host = agent.config.host_id.clone();
-    let wait = long_poll(agent.config.http_timeout);
+    let host = agent.config().host_id.clone();
+    let wait = long_poll(agent.config().http_timeout);
     loop {
         let pulled = tokio::select! {
             pulled = agent.client.pull(&host, wait, MAX_PULL) => pulled,
@@ -148,7 +148,7 @@ fn deliver(agent: &Agent, values: Vec<Value>) -> Result<Vec<Uuid>> {
 /// One group commit: inbox files written and flushed, renamed into place, ledger records
 /// appended, then renames and records flushed together.
 fn write_batch(agent: &Agent, messages: &[Message]) -> Result<()> {
-    let inbox = agent.config.inbox_dir();
+    let inbox = agent.config().inbox_dir();
     let mut commit = Commit::new();
     commit.touch_dir(&inbox);
     let mut temps: Vec<PathBuf> = Vec::with_capacity(messages.len());

@@ -20,7 +20,7 @@ pub mod status;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
@@ -41,7 +41,10 @@ const DEBRIS_SWEEP: Duration = Duration::from_secs(600);
 
 /// What the agent's loops share.
 pub struct Agent {
-    pub config: Config,
+    /// The configuration; SIGHUP may replace it (see [`apply_reload`]).
+    config: RwLock<Arc<Config>>,
+    /// Woken when the configuration was replaced, so sleeping loops pick it up at once.
+    pub reloaded: Notify,
     pub client: HubClient,
     pub ledger: Mutex<Ledger>,
     /// Woken when the inbox loop delivered messages whose hooks must run.
@@ -53,6 +56,11 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The configuration now in force.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -62,9 +70,42 @@ impl Agent {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let changed = status.record(result);
         if changed {
-            status.save(&self.config.state_dir());
+            status.save(&self.config().state_dir());
         }
     }
+}
+
+/// Puts a reloaded configuration in force. What the loops read each time round
+/// (`poll_interval`, `sent_ttl`, `hook_timeout`, `hook_user`) takes effect at once; the
+/// identity and the connection to the hub (`host_id`, base dir, `server_url`, `http_timeout`,
+/// the token and TLS files) need a restart, which is logged.
+pub fn apply_reload(agent: &Agent, new: Config) {
+    service::reloading();
+    let old = agent.config();
+    let restart_needed = old.host_id != new.host_id
+        || old.base_dir != new.base_dir
+        || old.server_url != new.server_url
+        || old.http_timeout != new.http_timeout
+        || old.token != new.token
+        || old.ca_file != new.ca_file
+        || old.client_cert != new.client_cert
+        || old.client_key != new.client_key;
+    if restart_needed {
+        tracing::warn!(
+            "host_id, base dir, server_url, http_timeout, token and TLS changes take effect at the next restart"
+        );
+    }
+    let merged = Config {
+        poll_interval: new.poll_interval,
+        sent_ttl: new.sent_ttl,
+        hook_timeout: new.hook_timeout,
+        hook_user: new.hook_user,
+        ..(*old).clone()
+    };
+    *agent.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
+    agent.reloaded.notify_waiters();
+    tracing::info!(poll_interval = ?new.poll_interval, sent_ttl = ?new.sent_ttl, "configuration reloaded");
+    service::ready(&status_line(agent));
 }
 
 /// Creates the base dir's queues if they are missing.
@@ -83,8 +124,13 @@ pub fn ensure_dirs(config: &Config) -> Result<()> {
 }
 
 /// Runs the agent until `shutdown` is cancelled; then lets the work in hand finish (a hook
-/// in progress gets [`HOOK_GRACE`]) and returns.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+/// in progress gets [`HOOK_GRACE`]) and returns. Configurations received on `reloads` (the
+/// CLI sends one on SIGHUP) are put in force as they come.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    mut reloads: Option<tokio::sync::mpsc::Receiver<Config>>,
+) -> Result<()> {
     ensure_dirs(&config)?;
     // Only this agent writes these directories: any temporary file in them is left over
     // from a crash of a previous run.
@@ -105,20 +151,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     status.save(&config.state_dir());
     let agent = Arc::new(Agent {
         client,
+        reloaded: Notify::new(),
         ledger: Mutex::new(ledger),
         hooks_wake: Notify::new(),
         outbox_events: Arc::default(),
         status: Mutex::new(status),
         shutdown: shutdown.clone(),
-        config,
+        config: RwLock::new(Arc::new(config)),
     });
+    let config = agent.config();
     tracing::info!(
-        host = %agent.config.host_id,
-        hub = %agent.config.server_url,
-        base = %agent.config.base_dir.display(),
+        host = %config.host_id,
+        hub = %config.server_url,
+        base = %config.base_dir.display(),
         "agent started"
     );
-    let _watcher = outbox::watch(&agent.config.outbox_dir(), Arc::clone(&agent.outbox_events));
+    let _watcher = outbox::watch(&config.outbox_dir(), Arc::clone(&agent.outbox_events));
 
     let sender = tokio::spawn(outbox::run(Arc::clone(&agent)));
     let puller = tokio::spawn(inbox::run(Arc::clone(&agent)));
@@ -126,7 +174,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let keeper = tokio::spawn(housekeeping(Arc::clone(&agent)));
     let reporter = tokio::spawn(report_loop(Arc::clone(&agent)));
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            new = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => match new {
+                Some(new) => apply_reload(&agent, new),
+                None => reloads = None,
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
     service::stopping();
     tracing::info!("shutting down: finishing the work in hand");
     let _ = sender.await;
@@ -140,7 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .status
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .stopped(&agent.config.state_dir());
+        .stopped(&config.state_dir());
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -150,14 +206,15 @@ async fn housekeeping(agent: Arc<Agent>) {
     let mut clock = Arc::new(ClockWatch::default());
     let mut first = true;
     loop {
-        let config = agent.config.clone();
+        let config = agent.config();
         let sweep_debris = last_debris_sweep.is_none_or(|t| t.elapsed() >= DEBRIS_SWEEP);
         if sweep_debris {
             last_debris_sweep = Some(tokio::time::Instant::now());
         }
         Arc::make_mut(&mut clock).observe(wall_seconds(SystemTime::now()), Instant::now());
         let watch = Arc::clone(&clock);
-        let work = tokio::task::spawn_blocking(move || tidy(&config, &watch, sweep_debris)).await;
+        let worker = Arc::clone(&config);
+        let work = tokio::task::spawn_blocking(move || tidy(&worker, &watch, sweep_debris)).await;
         match work {
             Ok(Err(err)) => tracing::warn!(%err, "housekeeping failed"),
             Err(err) => tracing::warn!(%err, "housekeeping task failed"),
@@ -165,7 +222,7 @@ async fn housekeeping(agent: Arc<Agent>) {
         }
         {
             let status = agent.status.lock().unwrap_or_else(|p| p.into_inner());
-            status.save(&agent.config.state_dir());
+            status.save(&config.state_dir());
         }
         if first {
             // The first tick ran: the queues are in order and every loop is going.
@@ -173,7 +230,8 @@ async fn housekeeping(agent: Arc<Agent>) {
             first = false;
         }
         tokio::select! {
-            _ = tokio::time::sleep(agent.config.poll_interval) => {}
+            _ = tokio::time::sleep(config.poll_interval) => {}
+            _ = agent.reloaded.notified() => {}
             _ = agent.shutdown.cancelled() => return,
         }
     }

@@ -147,7 +147,7 @@ pub async fn run(agent: Arc<Agent>) {
         let events = &agent.outbox_events;
         let full = !events.watching.load(Ordering::SeqCst)
             || events.rescan.swap(false, Ordering::SeqCst)
-            || last_full_scan.is_none_or(|t| t.elapsed() >= agent.config.poll_interval);
+            || last_full_scan.is_none_or(|t| t.elapsed() >= agent.config().poll_interval);
         let names = if full {
             last_full_scan = Some(Instant::now());
             events.take_names();
@@ -159,9 +159,9 @@ pub async fn run(agent: Arc<Agent>) {
         let (wait, wake_early) = match pass {
             Pass::Done => {
                 backoff.reset();
-                (agent.config.poll_interval, true)
+                (agent.config().poll_interval, true)
             }
-            Pass::Soon => (WRITE_GRACE.min(agent.config.poll_interval), true),
+            Pass::Soon => (WRITE_GRACE.min(agent.config().poll_interval), true),
             Pass::Transient(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "hub cannot take messages now; they stay in outbox/");
@@ -174,6 +174,7 @@ pub async fn run(agent: Arc<Agent>) {
         }
         tokio::select! {
             _ = agent.outbox_events.wake.notified(), if wake_early => {}
+            _ = agent.reloaded.notified(), if wake_early => {}
             _ = tokio::time::sleep(wait) => {}
             _ = agent.shutdown.cancelled() => return,
         }
@@ -182,7 +183,7 @@ pub async fn run(agent: Arc<Agent>) {
 
 /// Sends everything in the outbox now, batch by batch.
 async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<String>>) -> Pass {
-    let config = agent.config.clone();
+    let config = agent.config();
     let mut cache = std::mem::take(known);
     let scanned = tokio::task::spawn_blocking(move || {
         let soon = scan(&config, &mut cache, names);
@@ -222,7 +223,7 @@ async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<Stri
         if let Some(previous) = filing.take() {
             forget_filed(known, previous.await);
         }
-        let config = agent.config.clone();
+        let config = agent.config();
         filing = Some(tokio::task::spawn_blocking(move || answered.file(&config)));
         if let Err(err) = sent {
             result = Pass::Transient(err);

@@ -41,7 +41,8 @@ pub async fn run(agent: Arc<Agent>) {
 /// Runs one message's hook to a final outcome (retrying exit 75). Returns false when
 /// shutdown interrupted a retry wait (the hook runs again after the restart).
 async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
-    let inbox_file = agent.config.inbox_dir().join(&delivery.file);
+    let config = agent.config();
+    let inbox_file = config.inbox_dir().join(&delivery.file);
     let message = match std::fs::read(&inbox_file)
         .map_err(|e| e.to_string())
         .and_then(|bytes| Message::parse(&bytes))
@@ -64,12 +65,12 @@ async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
     let mut attempt = delivery.attempts + 1;
     loop {
         let run = HookRun {
-            hooks_dir: &agent.config.hooks_dir(),
+            hooks_dir: &config.hooks_dir(),
             message: &message,
             inbox_file: &inbox_file,
             attempt,
-            timeout: agent.config.hook_timeout,
-            hook_user: agent.config.hook_user.as_deref(),
+            timeout: config.hook_timeout,
+            hook_user: config.hook_user.as_deref(),
         };
         let path = run.path();
         if path.exists() {

@@ -212,7 +212,11 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;
-                hub::run(&config.hub, listeners, token).await
+                let (reloads, received) = tokio::sync::mpsc::channel(1);
+                shutdown::on_hangup(move || {
+                    let _ = reloads.try_send(());
+                })?;
+                hub::run(&config.hub, listeners, token, Some(received)).await
             })
         }
         Command::Start {
@@ -225,7 +229,16 @@ pub fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(async {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;
-                agent::run(config, token).await
+                let (reloads, received) = tokio::sync::mpsc::channel(1);
+                shutdown::on_hangup(move || match Config::load(&overrides) {
+                    Ok(config) => {
+                        let _ = reloads.try_send(config);
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "the configuration is broken; keeping the one in force")
+                    }
+                })?;
+                agent::run(config, token, Some(received)).await
             })
         }
         Command::Send(args) => queues::send(&Config::load(&overrides)?, args),

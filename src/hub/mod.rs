@@ -69,10 +69,14 @@ pub fn raise_fd_limit() {
 
 /// Runs the hub on `listeners` until `shutdown` is cancelled, then drains requests in
 /// flight and returns.
+///
+/// A message on `reloads` (the CLI sends one on SIGHUP) reads the tokens again; the other
+/// hub settings take effect at the next restart.
 pub async fn run(
     config: &HubConfig,
     listeners: Vec<std::net::TcpListener>,
     shutdown: CancellationToken,
+    mut reloads: Option<tokio::sync::mpsc::Receiver<()>>,
 ) -> Result<()> {
     if config.tls_cert.is_some() || config.tls_key.is_some() || config.client_ca.is_some() {
         // Serving plain HTTP where TLS was asked for would expose what the operator meant
@@ -122,7 +126,20 @@ pub async fn run(
     service::ready(&status_line(&api.store));
     let reporter = tokio::spawn(report_loop(Arc::clone(&api), shutdown.clone()));
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            reload = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => match reload {
+                Some(()) => {
+                    service::reloading();
+                    api.tokens.refresh();
+                    tracing::info!("tokens reloaded; other settings take effect at the next restart");
+                    service::ready(&status_line(&api.store));
+                }
+                None => reloads = None,
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
     service::stopping();
     tracing::info!("shutting down: no new connections, draining requests in flight");
     while accept_loops.join_next().await.is_some() {}
