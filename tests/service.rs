@@ -222,3 +222,69 @@ fn sighup_picks_up_a_changed_poll_interval_and_refuses_a_broken_config() {
         "the configuration in force is kept"
     );
 }
+
+#[test]
+fn sigterm_during_a_burst_leaves_no_partial_files_and_exits_0() {
+    let mut hub = Hub::start();
+    let mut tx = Agent::new(&hub.url(), "burst-tx");
+    let mut rx = Agent::new(&hub.url(), "burst-rx");
+    tx.start();
+    rx.start();
+    hub.wait_registered(&["burst-tx", "burst-rx"]);
+    let outbox = tx.dir("outbox");
+    for i in 0..500 {
+        let msg = message(
+            "burst.test",
+            "burst-tx",
+            Some("burst-rx"),
+            "normal",
+            serde_json::json!({"i": i}),
+        );
+        write_atomic(&outbox, &file_name_for(&msg), msg.to_string().as_bytes());
+    }
+    // Stop everything while the burst is on the wire.
+    wait_until(TIMEOUT, "the burst is flowing", || {
+        !rx.files("inbox").is_empty()
+    });
+    let tx_status = tx.stop();
+    let rx_status = rx.stop();
+    let hub_status = hub.stop();
+    for (who, status) in [
+        ("sender", tx_status),
+        ("receiver", rx_status),
+        ("hub", hub_status),
+    ] {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the {who} exits 0 on SIGTERM: {status:?}"
+        );
+    }
+    for (agent, queues) in [(&tx, ["outbox", "sent"]), (&rx, ["inbox", "state"])] {
+        for queue in queues {
+            let debris: Vec<String> = list_dir_all(&agent.dir(queue))
+                .into_iter()
+                .filter(|n| n.starts_with('.'))
+                .collect();
+            assert!(
+                debris.is_empty(),
+                "{}/{queue} holds temporary files: {debris:?}",
+                agent.host_id
+            );
+        }
+    }
+    for dir in [rx.dir("inbox"), tx.dir("sent")] {
+        for name in list_dir(&dir) {
+            let bytes = std::fs::read(dir.join(&name)).expect("read");
+            let parsed = serde_json::from_slice::<serde_json::Value>(&bytes);
+            assert!(
+                parsed.is_ok_and(|m| m["id"].is_string()),
+                "{name} is a whole message"
+            );
+        }
+    }
+    assert_eq!(
+        tx.files("outbox").len() + tx.files("sent").len(),
+        500,
+        "every message is in outbox/ or sent/"
+    );
+}
