@@ -364,7 +364,8 @@ impl Shared {
 impl Store for FileStore {
     async fn register(&self, host: &str) -> Result<()> {
         let now = Utc::now();
-        let needs_file = {
+        // Decided under the lock; the file work is done after it is released.
+        let (needs_file, touch) = {
             let mut state = self.shared.lock();
             let entry = state
                 .hosts
@@ -378,15 +379,18 @@ impl Store for FileStore {
                     .is_none_or(|saved| now - saved > chrono::Duration::seconds(60));
                 if stale {
                     entry.last_seen_saved = Some(now);
-                    let _ = File::options()
-                        .write(true)
-                        .open(self.shared.host_file(host))
-                        .and_then(|f| f.set_modified(SystemTime::now()));
                 }
-                return Ok(());
+                (false, stale)
+            } else {
+                (true, false)
             }
-            true
         };
+        if touch {
+            let _ = File::options()
+                .write(true)
+                .open(self.shared.host_file(host))
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
         if needs_file {
             let shared = Arc::clone(&self.shared);
             let host = host.to_string();
