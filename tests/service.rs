@@ -119,30 +119,59 @@ fn the_hub_serves_on_a_socket_passed_by_systemd_socket_activate() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    // Two sockets, as from a .socket unit with two ListenStream= lines, named like
+    // FileDescriptorName= would.
+    let listens = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let stderr_path = dir.path().join("hub.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
     let child = Command::new(tool)
-        .args(["-l", &listen, BIN, "serve", "--data-dir"])
+        .args([
+            "-l",
+            &listens[0],
+            "-l",
+            &listens[1],
+            "--fdname=public:internal",
+        ])
+        .args([BIN, "serve", "--data-dir"])
         .arg(dir.path().join("hub"))
         .env("HOME", dir.path())
         .env_remove("MESYNC_LISTEN")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start systemd-socket-activate");
     // systemd-socket-activate execs the hub in its own process: killing it stops the hub.
     let _hub = ChildGuard(child);
-    // The first connection starts the hub, which takes the socket it was given.
-    let mut answer = None;
-    let start = Instant::now();
-    while start.elapsed() < TIMEOUT && answer.is_none() {
-        answer = http_request(&listen, "GET", "/healthz", None, Duration::from_secs(10)).ok();
-        if answer.is_none() {
-            std::thread::sleep(Duration::from_millis(50));
+    // The first connection starts the hub, which takes the sockets it was given.
+    for listen in &listens {
+        let mut answer = None;
+        let start = Instant::now();
+        while start.elapsed() < TIMEOUT && answer.is_none() {
+            answer = http_request(listen, "GET", "/healthz", None, Duration::from_secs(10)).ok();
+            if answer.is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        let answer = answer.unwrap_or_else(|| panic!("an answer on activated socket {listen}"));
+        assert_eq!(answer.status, 200, "{}", answer.text());
     }
-    let answer = answer.expect("an answer on the activated socket");
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    let logs = std::fs::read_to_string(&stderr_path).expect("read hub stderr");
+    for (listen, name) in listens.iter().zip(["public", "internal"]) {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("passed by the service manager")
+                    && l.contains(&format!("name={name}"))
+                    && l.contains(listen.as_str())),
+            "the log names socket {name} on {listen}: {logs}"
+        );
+    }
+    assert!(
+        !logs.contains("listening on http://0.0.0.0"),
+        "no socket of its own: {logs}"
+    );
 }
 
 fn hangup(pid: u32) {

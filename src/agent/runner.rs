@@ -121,7 +121,23 @@ fn record(agent: &Agent, record: Record) {
 fn log_outcome(id: Uuid, kind: &str, attempt: u32, outcome: &Outcome, described: &str) {
     match outcome {
         Outcome::NoHook => tracing::debug!(%id, r#type = %kind, "no hook"),
-        Outcome::Ok => tracing::info!(%id, r#type = %kind, attempt, "hook succeeded"),
+        Outcome::Ok => {
+            tracing::info!(%id, r#type = %kind, attempt, exit_status = 0, "hook succeeded")
+        }
+        // Exit status and signal as fields of their own, so that the journal can be
+        // queried for them (`journalctl MESYNC_EXIT_STATUS=3`).
+        Outcome::Failed(code) => tracing::warn!(
+            %id, r#type = %kind, attempt, exit_status = code, outcome = %described,
+            "hook did not succeed"
+        ),
+        Outcome::TempFail => tracing::warn!(
+            %id, r#type = %kind, attempt, exit_status = 75, outcome = %described,
+            "hook did not succeed"
+        ),
+        Outcome::Killed(signal) => tracing::warn!(
+            %id, r#type = %kind, attempt, signal, outcome = %described,
+            "hook did not succeed"
+        ),
         _ => {
             tracing::warn!(%id, r#type = %kind, attempt, outcome = %described, "hook did not succeed")
         }

@@ -48,33 +48,30 @@ pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|d| d / 2)
 }
 
-/// The listening sockets systemd passed (`LISTEN_FDS`/`LISTEN_PID`), made non-blocking for
-/// tokio. Empty when none were passed: the caller binds its own.
+/// The listening sockets systemd passed (`LISTEN_FDS`/`LISTEN_PID`, named by
+/// `LISTEN_FDNAMES`), made non-blocking for tokio. Empty when none were passed: the caller
+/// binds its own.
 pub fn inherited_listeners() -> Result<Vec<TcpListener>> {
-    let fds: Vec<RawFd> = sd_notify::listen_fds()
+    // SAFETY: the variables are removed (so that hooks and other children do not inherit
+    // them) while no other thread reads the environment: this runs at start-up, before
+    // the runtime's threads exist.
+    let fds: Vec<(RawFd, String)> = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(|e| Error::Config(format!("socket activation: {e}")))?
         .collect();
-    // Not passed on to hooks or anything else this process starts.
-    // SAFETY: removing environment variables while no other thread reads them: this runs
-    // at start-up, before the runtime's threads exist.
-    unsafe {
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDNAMES");
-    }
     fds.into_iter()
-        .map(|fd| {
+        .map(|(fd, name)| {
             // SAFETY: systemd hands these descriptors to this process, which owns them from
             // here on; each is wrapped once.
             let listener = unsafe { TcpListener::from_raw_fd(fd) };
             listener
                 .set_nonblocking(true)
                 .map_err(|e| Error::Config(format!("socket activation: descriptor {fd}: {e}")))?;
-            listener.local_addr().map_err(|e| {
+            let addr = listener.local_addr().map_err(|e| {
                 Error::Config(format!(
-                    "socket activation: descriptor {fd} is not a TCP listener: {e}"
+                    "socket activation: descriptor {fd} ({name}) is not a TCP listener: {e}"
                 ))
             })?;
+            tracing::info!(fd, %name, %addr, "listening socket passed by the service manager");
             Ok(listener)
         })
         .collect()
@@ -97,7 +94,21 @@ pub fn stderr_is_journal() -> bool {
 
 /// A tracing layer writing to the journal with structured fields, if the journal is there.
 pub fn journal_layer() -> Option<tracing_journald::Layer> {
+    use tracing_journald::{Priority, PriorityMappings};
     tracing_journald::layer()
         .ok()
-        .map(|layer| layer.with_syslog_identifier("mesync".into()))
+        // Event fields become MESYNC_ID, MESYNC_TYPE, MESYNC_HOST, ...: a namespace of
+        // their own, so `journalctl MESYNC_ID=<id>` finds every line about a message.
+        .map(|layer| {
+            layer
+                .with_syslog_identifier("mesync".into())
+                .with_field_prefix(Some("MESYNC".into()))
+                // syslog's meaning of the levels (info is 6, debug 7), which `journalctl -p`
+                // filters by; the crate's default shifts them one step up.
+                .with_priority_mappings(PriorityMappings {
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    ..PriorityMappings::new()
+                })
+        })
 }
