@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -16,7 +17,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::{Config, Secret};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::tls::{self, ClientFiles};
 
 /// A failed exchange with the hub.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,7 +68,7 @@ pub struct Rejected {
 /// A client of one hub, keeping connections alive between calls.
 #[derive(Clone)]
 pub struct HubClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     timeout: Duration,
     token: Option<Secret>,
@@ -74,22 +76,36 @@ pub struct HubClient {
 
 impl HubClient {
     pub fn new(config: &Config) -> Result<HubClient> {
-        if config.server_url.starts_with("https://") {
-            return Err(Error::Config(format!(
-                "server_url {}: https is not available in this build; use http://",
-                config.server_url
-            )));
-        }
-        if config.ca_file.is_some() || config.client_cert.is_some() || config.client_key.is_some() {
-            tracing::warn!(
-                "ca_file, client_cert and client_key apply to https:// hubs only; ignored"
-            );
-        }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        let https = config.server_url.starts_with("https://");
+        let files = ClientFiles {
+            ca_file: config.ca_file.clone(),
+            client_cert: config.client_cert.clone(),
+            client_key: config.client_key.clone(),
+        };
+        let tls = if https {
+            tls::client_config(&files)?
+        } else {
+            if files.ca_file.is_some() || files.client_cert.is_some() || files.client_key.is_some()
+            {
+                tracing::warn!(
+                    "ca_file, client_cert and client_key apply to https:// hubs only; ignored"
+                );
+            }
+            tls::unused_client_config()
+        };
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
         // Notices a hub that vanished without closing the connection (a half-open socket).
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        connector.set_connect_timeout(Some(config.http_timeout));
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        http.set_connect_timeout(Some(config.http_timeout));
+        // An https:// hub is only ever spoken to over TLS: nothing can downgrade it.
+        http.enforce_http(false);
+        let builder = HttpsConnectorBuilder::new().with_tls_config(tls);
+        let connector = if https {
+            builder.https_only().enable_http1().wrap_connector(http)
+        } else {
+            builder.https_or_http().enable_http1().wrap_connector(http)
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);

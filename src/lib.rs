@@ -11,6 +11,7 @@
 //! - [`hub`]: `mesync serve`: the HTTP API ([`hub::api`]) over a store of files
 //!   ([`hub::store`]).
 //! - [`client`]: the agent's side of the HTTP API.
+//! - [`tls`]: rustls configurations for both sides, client-certificate identity, the mini-CA.
 //! - [`agent`]: `mesync start`: outbox → hub, hub → inbox, hook runner, housekeeping.
 //! - [`hooks`]: running one hook: environment, stdin, timeout, loose-file checks.
 //! - [`cli`]: the commands; [`demo`]: `mesync demo`; [`shutdown`]: signals.
@@ -28,3 +29,4 @@ pub mod message;
 pub mod service;
 pub mod shutdown;
 pub mod spool;
+pub mod tls;

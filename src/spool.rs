@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -31,8 +32,9 @@ pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
 /// A group of file changes made durable together, in two steps: [`Commit::sync_data`] after
 /// the data is written and before it is published (renamed or linked into place), then
 /// [`Commit::sync`] for the rest.
-#[derive(Default)]
 pub struct Commit {
+    /// Permission bits new files are created with (before the umask).
+    mode: u32,
     /// Files whose data must be durable (kept open to fsync them).
     files: Vec<(PathBuf, File)>,
     /// How many of `files` are durable already.
@@ -41,9 +43,26 @@ pub struct Commit {
     dirs: BTreeSet<PathBuf>,
 }
 
+impl Default for Commit {
+    fn default() -> Commit {
+        Commit::new()
+    }
+}
+
 impl Commit {
     pub fn new() -> Commit {
-        Commit::default()
+        Commit::with_mode(0o666)
+    }
+
+    /// A commit whose new files get `mode` from the start (0o600 for secrets: a file that is
+    /// chmod-ed after it was written is readable by others for a moment).
+    pub fn with_mode(mode: u32) -> Commit {
+        Commit {
+            mode,
+            files: Vec::new(),
+            synced_files: 0,
+            dirs: BTreeSet::new(),
+        }
     }
 
     /// Writes `bytes` to a new dot-prefixed temporary file in `dir` and returns its path.
@@ -69,7 +88,11 @@ impl Commit {
         let opened = if reused {
             OpenOptions::new().write(true).open(&path)
         } else {
-            OpenOptions::new().write(true).create_new(true).open(&path)
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(self.mode)
+                .open(&path)
         };
         let mut file = opened.ctx("create", &path)?;
         let written = file
@@ -142,7 +165,10 @@ pub struct NewFile<'a> {
 /// Publishes files atomically and durably, as one group commit: when it returns `Ok`, every
 /// file is in place and durable; after a crash, each file is either whole or absent.
 pub fn publish(files: &[NewFile<'_>]) -> Result<()> {
-    let mut commit = Commit::new();
+    publish_with(Commit::new(), files)
+}
+
+fn publish_with(mut commit: Commit, files: &[NewFile<'_>]) -> Result<()> {
     let mut temps = Vec::with_capacity(files.len());
     for file in files {
         commit.touch_dir(file.dir);
@@ -171,6 +197,12 @@ pub fn publish(files: &[NewFile<'_>]) -> Result<()> {
 /// Writes one file atomically and durably.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     publish(&[NewFile { dir, name, bytes }])
+}
+
+/// Writes one file atomically and durably, readable by its owner only (mode 0600): keys
+/// and token hashes.
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    publish_with(Commit::with_mode(0o600), &[NewFile { dir, name, bytes }])
 }
 
 /// Moves `from` to `to_dir/to_name` with rename(2). When `durable`, both directories are

@@ -1,6 +1,7 @@
 //! The command line: clap definitions, and one function per command. `main.rs` parses,
 //! sets up logging and calls [`run`].
 
+mod certs;
 mod hosts;
 mod queues;
 mod status;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
 use crate::message::Priority;
-use crate::{agent, demo, hub, service, shutdown};
+use crate::{agent, demo, hub, service, shutdown, tls};
 
 /// Lightweight, filesystem-native cross-machine message sync.
 ///
@@ -113,6 +114,24 @@ echo '{\"n\": 1}' | mesync send task.event --payload -"
         #[arg(long, value_name = "DIR", global = true)]
         data_dir: Option<PathBuf>,
     },
+    /// A private certificate authority for mutual TLS: the hub's server certificate and
+    /// one client certificate per host, so that no openssl is needed.
+    #[command(after_help = "A fleet with mutual TLS, on the hub:\n  \
+mesync tls init --name hub.example.com     # CA + the hub's certificate\n  \
+mesync tls issue web-1                     # one per agent: hosts/web-1.crt, .key\n\
+then set [hub] tls_cert, tls_key and client_ca, and give each agent ca.crt and its own\n\
+certificate and key (ca_file, client_cert, client_key); see the README.")]
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+        /// Where the CA and certificates live [default: tls/ in the hub's data dir]
+        #[arg(long, value_name = "DIR", global = true)]
+        dir: Option<PathBuf>,
+        /// Validity of the hub's and hosts' certificates, in days
+        #[arg(long, value_name = "DAYS", global = true, default_value_t = tls::ca::DEFAULT_DAYS,
+              value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
     /// The hub's registry of hosts, through its HTTP API (at server_url).
     Hosts {
         #[command(subcommand)]
@@ -174,6 +193,24 @@ pub enum TokenAction {
     Revoke { host: String },
     /// The hosts that have a token.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsAction {
+    /// Create the CA (ca.crt, ca.key) and the hub's certificate (hub.crt, hub.key).
+    Init {
+        /// A DNS name or IP address agents use to reach the hub; repeat for several (the
+        /// hostname, localhost, 127.0.0.1 and ::1 are always included)
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Create (or renew) HOST's client certificate: hosts/HOST.crt and hosts/HOST.key.
+    Issue { host: String },
+    /// Renew the hub's certificate, for the names given (as with init).
+    Server {
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +289,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Token { action, data_dir } => {
             overrides.data_dir = data_dir;
             tokens::run(&Config::load(&overrides)?, action)
+        }
+        Command::Tls { action, dir, days } => {
+            let dir = match dir {
+                Some(dir) => dir,
+                None => Config::load(&overrides)?.hub.data_dir.join("tls"),
+            };
+            certs::run(&dir, action, days)
         }
         Command::Hosts { action, json } => {
             let config = Config::load(&overrides)?;

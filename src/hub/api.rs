@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::auth::{Caller, Denied, Tokens};
+use super::auth::{Caller, ClientCert, Denied, Tokens};
 use super::store::{Enqueued, Store};
 use crate::message::{Message, validate_name};
 
@@ -64,11 +64,18 @@ impl<S: Store> Api<S> {
             .max(8 * 1024 * 1024)
     }
 
-    /// Routes one request from `peer`.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Answer {
+    /// Routes one request from `peer`, whose connection presented `cert`.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        cert: &ClientCert,
+    ) -> Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let result = match Self::check_head(&req).and_then(|()| self.authorize(&req, &path, peer)) {
+        let authorized =
+            Self::check_head(&req).and_then(|()| self.authorize(&req, &path, peer, cert));
+        let result = match authorized {
             Err(refusal) => Err(refusal),
             Ok(caller) => self.route(req, &method, &path, caller, peer).await,
         };
@@ -103,12 +110,14 @@ impl<S: Store> Api<S> {
     }
 
     /// Who is calling. `/healthz` is open to all; `/metrics` to loopback; every `/v1` call
-    /// needs a token once any exists.
+    /// needs a token once any exists, and a client certificate when the hub asks for them.
+    /// With both, they must name the same host.
     fn authorize(
         &self,
         req: &Request<Incoming>,
         path: &str,
         peer: SocketAddr,
+        cert: &ClientCert,
     ) -> Result<Caller, Refusal> {
         if path == "/healthz" || (path == "/metrics" && peer.ip().is_loopback()) {
             return Ok(Caller::Open);
@@ -117,14 +126,35 @@ impl<S: Store> Api<S> {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        self.tokens.authenticate(header).map_err(|denied| {
-            let why = match denied {
+        let by_token = self
+            .tokens
+            .authenticate(header)
+            .map_err(|denied| match denied {
                 Denied::Missing => "a bearer token is required (Authorization: Bearer <token>)",
                 Denied::Invalid => "the bearer token is not valid",
-            };
-            tracing::warn!(%peer, %path, why, "unauthenticated request refused");
-            Refusal(StatusCode::UNAUTHORIZED, why.into())
-        })
+            });
+        let refuse = |status: StatusCode, why: String| {
+            tracing::warn!(%peer, %path, %why, "request refused");
+            Refusal(status, why)
+        };
+        match (cert, by_token) {
+            (_, Err(why)) => Err(refuse(StatusCode::UNAUTHORIZED, why.into())),
+            (ClientCert::NotAsked, Ok(caller)) => Ok(caller),
+            (ClientCert::Missing, _) => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "a client certificate is required".into(),
+            )),
+            (ClientCert::Unusable(why), _) => Err(refuse(StatusCode::FORBIDDEN, why.clone())),
+            (ClientCert::Host(host), Ok(Caller::Host(token_host))) if token_host != *host => {
+                Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the bearer token is host {token_host}'s but the client certificate is {host}'s"
+                    ),
+                ))
+            }
+            (ClientCert::Host(host), Ok(_)) => Ok(Caller::Host(host.clone())),
+        }
     }
 
     async fn route(

@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::message::{Timestamp, validate_name};
 use crate::spool;
 
@@ -49,6 +48,20 @@ pub enum Caller {
     Open,
     /// The holder of this host's token.
     Host(String),
+}
+
+/// What a connection's client certificate says, on a hub that asks for them
+/// (`[hub] client_ca`). Checked by rustls against the CA during the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCert {
+    /// The hub does not ask: tokens alone say who calls.
+    NotAsked,
+    /// Asked; none was presented.
+    Missing,
+    /// A certificate from the CA naming this host.
+    Host(String),
+    /// A certificate from the CA that names no usable host id: why.
+    Unusable(String),
 }
 
 /// Why a request was not authenticated.
@@ -118,9 +131,7 @@ fn read(data_dir: &Path) -> Result<TokenFile> {
 fn write(data_dir: &Path, file: &TokenFile) -> Result<()> {
     spool::ensure_dir(data_dir)?;
     let bytes = serde_json::to_vec_pretty(file).expect("the token file serializes");
-    spool::write_atomic(data_dir, TOKENS_FILE, &bytes)?;
-    let path = path(data_dir);
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).ctx("chmod", &path)
+    spool::write_private(data_dir, TOKENS_FILE, &bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -242,6 +253,7 @@ fn hashes(file: &TokenFile) -> Result<Vec<(String, [u8; 32])>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn issued_tokens_identify_their_host_until_revoked() {

@@ -23,11 +23,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::HubConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::service;
+use crate::tls::{ServerFiles, ServerTls};
 use api::Api;
+use auth::ClientCert;
 use store::{FileStore, Store};
 
 /// A client that has not sent its request headers within this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that has not finished the TLS handshake within this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired messages are swept from the queues.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
@@ -78,13 +82,7 @@ pub async fn run(
     shutdown: CancellationToken,
     mut reloads: Option<tokio::sync::mpsc::Receiver<()>>,
 ) -> Result<()> {
-    if config.tls_cert.is_some() || config.tls_key.is_some() || config.client_ca.is_some() {
-        // Serving plain HTTP where TLS was asked for would expose what the operator meant
-        // to protect: refuse to start instead.
-        return Err(Error::Config(
-            "[hub] tls_cert, tls_key and client_ca are not supported by this build; remove them to serve plain HTTP".into(),
-        ));
-    }
+    let tls = server_tls(config)?.map(Arc::new);
     raise_fd_limit();
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
@@ -114,10 +112,12 @@ pub async fn run(
         let addr = listener
             .local_addr()
             .ctx("read listener address", std::path::Path::new("(listener)"))?;
-        tracing::info!("listening on http://{addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!("listening on {scheme}://{addr}");
         accept_loops.spawn(accept_loop(
             listener,
             Arc::clone(&api),
+            tls.clone(),
             Arc::clone(&graceful),
             shutdown.clone(),
         ));
@@ -132,6 +132,12 @@ pub async fn run(
                 Some(()) => {
                     service::reloading();
                     api.tokens.refresh();
+                    if let Some(tls) = &tls {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                            Err(err) => tracing::error!(%err, "TLS files not reloaded; keeping the ones in use"),
+                        }
+                    }
                     tracing::info!("tokens reloaded; other settings take effect at the next restart");
                     service::ready(&status_line(&api.store));
                 }
@@ -156,9 +162,30 @@ pub async fn run(
     Ok(())
 }
 
+/// The TLS configuration `[hub] tls_cert`, `tls_key` and `client_ca` ask for, if any.
+fn server_tls(config: &HubConfig) -> Result<Option<ServerTls>> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => ServerTls::load(ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.client_ca.clone(),
+        })
+        .map(Some),
+        (None, None) if config.client_ca.is_some() => Err(Error::Config(
+            "[hub] client_ca needs tls_cert and tls_key: client certificates exist only over TLS"
+                .into(),
+        )),
+        (None, None) => Ok(None),
+        _ => Err(Error::Config(
+            "[hub] tls_cert and tls_key must be set together".into(),
+        )),
+    }
+}
+
 async fn accept_loop<S: Store>(
     listener: TcpListener,
     api: Arc<Api<S>>,
+    tls: Option<Arc<ServerTls>>,
     graceful: Arc<GracefulShutdown>,
     shutdown: CancellationToken,
 ) {
@@ -178,22 +205,80 @@ async fn accept_loop<S: Store>(
         };
         let _ = stream.set_nodelay(true);
         let api = Arc::clone(&api);
-        let service = service_fn(move |req| {
-            let api = Arc::clone(&api);
-            async move { Ok::<_, Infallible>(api.handle(req, peer).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(api::MAX_HEAD_BYTES * 4)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let Some(tls) = &tls else {
+            serve_connection(stream, peer, ClientCert::NotAsked, api, &graceful);
+            continue;
+        };
+        let acceptor = tls.acceptor();
+        let asks_certs = tls.asks_client_certs();
+        // Holds the drain only once the connection speaks HTTP: a handshake in progress
+        // must not keep shutdown from draining the others.
+        let graceful = Arc::downgrade(&graceful);
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%peer, %err, "connection ended with an error");
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::info!(%peer, %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake not finished in time; connection closed");
+                    return;
+                }
+            };
+            let cert = if asks_certs {
+                client_cert(stream.get_ref().1)
+            } else {
+                ClientCert::NotAsked
+            };
+            if let Some(graceful) = graceful.upgrade() {
+                serve_connection(stream, peer, cert, api, &graceful);
             }
         });
     }
+}
+
+/// Who the client certificate of a TLS connection names.
+fn client_cert(conn: &rustls::ServerConnection) -> ClientCert {
+    match conn.peer_certificates().and_then(|chain| chain.first()) {
+        None => ClientCert::Missing,
+        Some(cert) => match crate::tls::host_of_certificate(cert) {
+            Ok(host) => ClientCert::Host(host),
+            Err(why) => ClientCert::Unusable(why),
+        },
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes or the hub drains.
+fn serve_connection<S, I>(
+    io: I,
+    peer: SocketAddr,
+    cert: ClientCert,
+    api: Arc<Api<S>>,
+    graceful: &GracefulShutdown,
+) where
+    S: Store,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let cert = Arc::new(cert);
+    let service = service_fn(move |req| {
+        let api = Arc::clone(&api);
+        let cert = Arc::clone(&cert);
+        async move { Ok::<_, Infallible>(api.handle(req, peer, &cert).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(api::MAX_HEAD_BYTES * 4)
+        .serve_connection(TokioIo::new(io), service);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(%peer, %err, "connection ended with an error");
+        }
+    });
 }
 
 /// How often the status line is refreshed when there is no watchdog to keep pace with.

@@ -145,10 +145,11 @@ impl Logs {
 
     /// The address in the first `listening on http://ADDR` line at or after line `from`.
     fn listen_addr(&self, from: usize) -> Option<String> {
-        const MARK: &str = "listening on http://";
+        const MARK: &str = "listening on http";
         let lines = self.lines();
         lines.iter().skip(from).find_map(|l| {
             let rest = &l[l.find(MARK)? + MARK.len()..];
+            let rest = rest.strip_prefix("s").unwrap_or(rest).strip_prefix("://")?;
             let addr: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || ".:[]-_".contains(*c))
@@ -567,21 +568,7 @@ pub fn http_request_with(
     let stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    match body {
-        Some(b) => request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        )),
-        None if method != "GET" && method != "HEAD" => request.push_str("Content-Length: 0\r\n"),
-        None => {}
-    }
-    request.push_str("\r\n");
-    let mut data = request.into_bytes();
-    data.extend_from_slice(body.unwrap_or_default());
+    let data = request_bytes(addr, method, path, headers, body);
 
     let mut writer_stream = stream.try_clone()?;
     let writer = thread::spawn(move || {
@@ -623,6 +610,92 @@ pub fn http_request_with(
             )
         })),
     }
+}
+
+/// An HTTP/1.1 request with `Connection: close`.
+fn request_bytes(
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    match body {
+        Some(b) => request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        )),
+        None if method != "GET" && method != "HEAD" => request.push_str("Content-Length: 0\r\n"),
+        None => {}
+    }
+    request.push_str("\r\n");
+    let mut data = request.into_bytes();
+    data.extend_from_slice(body.unwrap_or_default());
+    data
+}
+
+/// One HTTPS request to `addr`, checking the hub's certificate against `server_name` and
+/// the CAs of `files` (and presenting its client certificate, if any), with rustls as the
+/// agent uses it. `Err` carries the TLS or I/O error as text.
+pub fn https_request(
+    addr: &str,
+    server_name: &str,
+    files: &mesync::tls::ClientFiles,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Response, String> {
+    let config = mesync::tls::client_config(files).map_err(|e| e.to_string())?;
+    https_request_with_config(addr, server_name, config, method, path, headers, body)
+}
+
+/// [`https_request`] with a rustls configuration of the test's own.
+pub fn https_request_with_config(
+    addr: &str,
+    server_name: &str,
+    config: rustls::ClientConfig,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Response, String> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let data = request_bytes(addr, method, path, headers, body);
+    stream.write_all(&data).map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if response_complete(&buf) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A server may close without TLS's close_notify once it has answered.
+            Err(_) if response_complete(&buf) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    parse_response(&buf).ok_or_else(|| {
+        format!(
+            "incomplete HTTP response: {:?}",
+            String::from_utf8_lossy(&buf)
+        )
+    })
 }
 
 /// Where the body starts, the status and the headers.
@@ -813,6 +886,11 @@ impl Hub {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// The hub's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `host:port` it listens on.

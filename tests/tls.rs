@@ -1,0 +1,500 @@
+//! TLS and mutual TLS, for real: certificates made by `mesync tls`, a hub serving HTTPS
+//! with rustls, agents speaking to it over hyper-rustls, and a rustls client of the test's
+//! own for the attacks (no certificate, another CA's certificate, one host's certificate
+//! used for another host's queue).
+
+mod support;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use mesync::tls::ClientFiles;
+use serde_json::json;
+use support::*;
+
+/// A CA made with the CLI, with client certificates for `hosts`.
+struct MiniCa {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl MiniCa {
+    fn new(hosts: &[&str]) -> MiniCa {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("tls");
+        let ca = MiniCa { _tmp: tmp, dir };
+        let out = ca.cli(&["init", "--name", "hub.test"]);
+        assert!(out.success(), "tls init: {}", out.stderr);
+        assert!(
+            out.stdout.contains("tls_cert") && out.stdout.contains("client_ca"),
+            "init says what to configure: {}",
+            out.stdout
+        );
+        for host in hosts {
+            let out = ca.cli(&["issue", host]);
+            assert!(out.success(), "tls issue {host}: {}", out.stderr);
+        }
+        ca
+    }
+
+    fn cli(&self, args: &[&str]) -> Out {
+        let mut cmd = clean_command(self.dir.parent().expect("parent"));
+        cmd.arg("tls").args(args).arg("--dir").arg(&self.dir);
+        run(cmd, None, TIMEOUT)
+    }
+
+    fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// What an agent of `host` is given: the CA, and its certificate and key.
+    fn client(&self, host: &str) -> ClientFiles {
+        ClientFiles {
+            ca_file: Some(self.ca_cert()),
+            client_cert: Some(self.dir.join(format!("hosts/{host}.crt"))),
+            client_key: Some(self.dir.join(format!("hosts/{host}.key"))),
+        }
+    }
+
+    /// Trusts this CA, presents no certificate.
+    fn anonymous(&self) -> ClientFiles {
+        ClientFiles {
+            ca_file: Some(self.ca_cert()),
+            ..ClientFiles::default()
+        }
+    }
+}
+
+/// A hub serving HTTPS with `ca`'s certificate; with `mtls`, it asks for client
+/// certificates from `ca`.
+fn tls_hub(ca: &MiniCa, mtls: bool) -> (Hub, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("hub.toml");
+    let mut text = format!(
+        "[hub]\ntls_cert = {:?}\ntls_key = {:?}\n",
+        ca.dir.join("hub.crt"),
+        ca.dir.join("hub.key")
+    );
+    if mtls {
+        text.push_str(&format!("client_ca = {:?}\n", ca.ca_cert()));
+    }
+    fs::write(&config, text).expect("write hub config");
+    let hub = Hub::start_with(&["--config", &config.to_string_lossy()], &[]);
+    assert!(
+        hub.logs.contains("listening on https://"),
+        "{:?}",
+        hub.logs.lines()
+    );
+    (hub, tmp)
+}
+
+fn https_url(hub: &Hub) -> String {
+    format!("https://localhost:{}", hub.port())
+}
+
+/// An agent of `host` configured with `files` (and `extra` config lines).
+fn tls_agent(hub: &Hub, host: &str, files: &ClientFiles, extra: &str) -> Agent {
+    let agent = Agent::new(&https_url(hub), host);
+    let line = |key: &str, path: &Option<PathBuf>| {
+        path.as_ref()
+            .map(|p| format!("{key} = {:?}\n", p))
+            .unwrap_or_default()
+    };
+    let text = line("ca_file", &files.ca_file)
+        + &line("client_cert", &files.client_cert)
+        + &line("client_key", &files.client_key)
+        + extra;
+    fs::write(agent.base().join("config.toml"), text).expect("write agent config");
+    agent
+}
+
+fn get(hub: &Hub, files: &ClientFiles, path: &str) -> Result<Response, String> {
+    https_request(hub.addr(), "localhost", files, "GET", path, &[], None)
+}
+
+fn post(hub: &Hub, files: &ClientFiles, path: &str, body: &serde_json::Value) -> Response {
+    let body = serde_json::to_vec(body).expect("json");
+    https_request(
+        hub.addr(),
+        "localhost",
+        files,
+        "POST",
+        path,
+        &[],
+        Some(&body),
+    )
+    .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+#[test]
+fn agents_deliver_over_mutual_tls_with_certificates_from_the_mini_ca() {
+    let ca = MiniCa::new(&["web-1", "web-2"]);
+    for key in ["ca.key", "hub.key", "hosts/web-1.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(ca.dir.join(key))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key} is private");
+    }
+    let (hub, _config) = tls_hub(&ca, true);
+    let mut web1 = tls_agent(&hub, "web-1", &ca.client("web-1"), "");
+    let mut web2 = tls_agent(&hub, "web-2", &ca.client("web-2"), "");
+    web1.start();
+    web2.start();
+    hub.wait_registered(&["web-1", "web-2"]);
+
+    let id = web1.send("tls.hello", r#"{"over":"mtls"}"#, &["--target", "web-2"]);
+    wait_until(TIMEOUT, "web-2 receives the message over mTLS", || {
+        web2.inbox().iter().any(|m| m["id"] == id.as_str())
+    });
+    let received = web2.inbox();
+    let message = received
+        .iter()
+        .find(|m| m["id"] == id.as_str())
+        .expect("message");
+    assert_eq!(
+        message["source"], "web-1",
+        "the source is the certificate's host"
+    );
+    wait_until(TIMEOUT, "web-1's outbox drains into sent/", || {
+        web1.files("outbox").is_empty() && !web1.files("sent").is_empty()
+    });
+
+    // `mesync hosts` speaks TLS too, with the same settings.
+    let out = web1.cmd(&["hosts"]);
+    assert!(
+        out.success() && out.stdout.contains("web-2"),
+        "hosts over mTLS: {} {}",
+        out.stdout,
+        out.stderr
+    );
+}
+
+#[test]
+fn mtls_refuses_callers_without_a_certificate_or_with_another_cas() {
+    let ca = MiniCa::new(&["web-1"]);
+    let other = MiniCa::new(&["web-1"]);
+    let (hub, _config) = tls_hub(&ca, true);
+
+    // No client certificate: the handshake succeeds, so health checks work, and every
+    // /v1 call gets a clear 401.
+    let health = get(&hub, &ca.anonymous(), "/healthz").expect("healthz without a cert");
+    assert_eq!(health.status, 200);
+    let r = get(&hub, &ca.anonymous(), "/v1/messages?host=web-1&wait=0").expect("answer");
+    r.assert_error(401, "a pull without a client certificate");
+    assert!(r.text().contains("client certificate"), "{}", r.text());
+    let msg = message("tls.test", "web-1", None, "normal", json!({}));
+    post(&hub, &ca.anonymous(), "/v1/messages", &msg)
+        .assert_error(401, "a send without a client certificate");
+    let r = get(&hub, &ca.anonymous(), "/v1/hosts").expect("answer");
+    r.assert_error(401, "the registry without a client certificate");
+
+    // A certificate for the same host name from another CA: refused in the handshake.
+    let forged = ClientFiles {
+        ca_file: Some(ca.ca_cert()),
+        ..other.client("web-1")
+    };
+    let err = get(&hub, &forged, "/v1/messages?host=web-1&wait=0")
+        .expect_err("another CA's certificate must not get through");
+    assert!(
+        !err.is_empty(),
+        "the handshake fails with an error: {err:?}"
+    );
+    assert!(!hub.is_registered("web-1"), "nothing was registered");
+}
+
+#[test]
+fn a_certificate_for_one_host_cannot_act_as_another() {
+    let ca = MiniCa::new(&["web-1", "web-2"]);
+    let (hub, _config) = tls_hub(&ca, true);
+    let web1 = ca.client("web-1");
+    let web2 = ca.client("web-2");
+    // Register both.
+    for (host, files) in [("web-1", &web1), ("web-2", &web2)] {
+        let r = get(&hub, files, &format!("/v1/messages?host={host}&wait=0")).expect("pull");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    get(&hub, &web1, "/v1/messages?host=web-2&wait=0")
+        .expect("answer")
+        .assert_error(403, "web-1's certificate pulling web-2's queue");
+    let ack = json!({"host": "web-2", "ids": [uuid::Uuid::new_v4()]});
+    post(&hub, &web1, "/v1/ack", &ack).assert_error(403, "web-1's certificate acking for web-2");
+
+    // A spoofed source is rewritten to the certificate's host.
+    let msg = message("tls.spoof", "web-2", Some("web-2"), "normal", json!({}));
+    let r = post(&hub, &web1, "/v1/messages", &msg);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let pulled = get(&hub, &web2, "/v1/messages?host=web-2&wait=0")
+        .expect("pull")
+        .json();
+    let got = pulled["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == msg["id"]).cloned())
+        .expect("web-2 gets the message");
+    assert_eq!(got["source"], "web-1", "source comes from the certificate");
+
+    // With tokens too, the token and the certificate must name the same host.
+    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
+    cmd.args(["token", "issue", "web-2", "--data-dir"])
+        .arg(hub.data_dir());
+    let token = run(cmd, None, TIMEOUT).ok("token issue").stdout;
+    let bearer = format!("Bearer {}", token.trim());
+    let r = https_request(
+        hub.addr(),
+        "localhost",
+        &web1,
+        "GET",
+        "/v1/messages?host=web-1&wait=0",
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .expect("answer");
+    r.assert_error(403, "web-2's token with web-1's certificate");
+}
+
+#[test]
+fn an_agent_trusting_another_ca_sends_nothing_and_keeps_its_message() {
+    let ca = MiniCa::new(&["web-1"]);
+    let other = MiniCa::new(&["web-1"]);
+    let (hub, _config) = tls_hub(&ca, false);
+    let mut agent = tls_agent(&hub, "web-1", &other.anonymous(), "");
+    agent.start();
+    agent.send("tls.kept", "{}", &[]);
+    wait_until(
+        TIMEOUT,
+        "the agent reports the untrusted certificate",
+        || {
+            agent
+                .logs
+                .lines()
+                .iter()
+                .any(|l| l.contains("invalid peer certificate: UnknownIssuer"))
+        },
+    );
+    assert_eq!(
+        agent.files("outbox").len(),
+        1,
+        "the message waits in outbox/"
+    );
+    assert!(
+        agent.files("failed").is_empty(),
+        "a TLS failure is transient"
+    );
+    assert!(agent.files("sent").is_empty());
+    assert!(!hub.is_registered("web-1"), "the hub saw no request");
+}
+
+#[test]
+fn tls_with_tokens_and_no_client_certificates() {
+    let ca = MiniCa::new(&[]);
+    let (hub, _config) = tls_hub(&ca, false);
+    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
+    cmd.args(["token", "issue", "db-1", "--data-dir"])
+        .arg(hub.data_dir());
+    let token = run(cmd, None, TIMEOUT).ok("token issue").stdout;
+    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
+    cmd.args(["token", "issue", "db-2", "--data-dir"])
+        .arg(hub.data_dir());
+    let token2 = run(cmd, None, TIMEOUT).ok("token issue").stdout;
+
+    let mut db1 = tls_agent(
+        &hub,
+        "db-1",
+        &ca.anonymous(),
+        &format!("token = {:?}\n", token.trim()),
+    );
+    let mut db2 = tls_agent(
+        &hub,
+        "db-2",
+        &ca.anonymous(),
+        &format!("token = {:?}\n", token2.trim()),
+    );
+    db1.start();
+    db2.start();
+    hub.wait_registered(&["db-1", "db-2"]);
+    let id = db1.send("tls.token", "{}", &["--target", "db-2"]);
+    wait_until(TIMEOUT, "db-2 receives over TLS with tokens", || {
+        db2.inbox().iter().any(|m| m["id"] == id.as_str())
+    });
+
+    // A plain-HTTP request to the TLS port is not served.
+    let plain = http_request(hub.addr(), "GET", "/healthz", None, TIMEOUT);
+    assert!(
+        plain.map_or(true, |r| r.status != 200),
+        "plain HTTP on the TLS port must not be answered as HTTP"
+    );
+}
+
+#[test]
+fn the_hub_speaks_tls_1_2_and_1_3_and_nothing_older() {
+    let ca = MiniCa::new(&[]);
+    let (hub, _config) = tls_hub(&ca, false);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in mesync::tls::load_certs(&ca.ca_cert()).expect("ca") {
+            roots.add(cert).expect("root");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let r = https_request_with_config(
+            hub.addr(),
+            "localhost",
+            config,
+            "GET",
+            "/healthz",
+            &[],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{version:?}: {e}"));
+        assert_eq!(r.status, 200, "{version:?}");
+    }
+    // TLS 1.1 and older, with openssl's client where it is installed.
+    if !tool_available("openssl") {
+        return;
+    }
+    let handshake = |version: &str| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", hub.addr(), version, "-CAfile"])
+            .arg(ca.ca_cert())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run openssl");
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let tls12 = handshake("-tls1_2");
+    assert!(
+        tls12.contains("TLSv1.2, Cipher is ECDHE"),
+        "openssl speaks TLS 1.2 with the hub: {tls12}"
+    );
+    for old in ["-tls1_1", "-tls1"] {
+        let text = handshake(old);
+        assert!(
+            text.contains("Cipher is (NONE)"),
+            "{old} must be refused: {text}"
+        );
+    }
+}
+
+#[test]
+fn sighup_loads_a_renewed_certificate_and_keeps_the_old_one_if_the_new_is_broken() {
+    let ca = MiniCa::new(&[]);
+    let (mut hub, _config) = tls_hub(&ca, false);
+    let files = ca.anonymous();
+    let renewed = "renewed.test";
+    assert!(
+        https_request(hub.addr(), renewed, &files, "GET", "/healthz", &[], None).is_err(),
+        "the first certificate does not name {renewed}"
+    );
+    let out = ca.cli(&["server", "--name", renewed]);
+    assert!(out.success(), "tls server: {}", out.stderr);
+    let pid = hub.pid().expect("hub pid");
+    hangup(pid);
+    wait_until(TIMEOUT, "the renewed certificate is served", || {
+        https_request(hub.addr(), renewed, &files, "GET", "/healthz", &[], None)
+            .is_ok_and(|r| r.status == 200)
+    });
+
+    // A broken key on reload: logged, and the certificate in use stays.
+    fs::write(ca.dir.join("hub.key"), "not a key").expect("break the key");
+    let mark = hub.logs.len();
+    hangup(pid);
+    wait_until(
+        TIMEOUT,
+        "the hub says the TLS files were not reloaded",
+        || {
+            hub.logs.lines()[mark..]
+                .iter()
+                .any(|l| l.contains("TLS files not reloaded"))
+        },
+    );
+    let r = https_request(hub.addr(), renewed, &files, "GET", "/healthz", &[], None)
+        .expect("still served with the renewed certificate");
+    assert_eq!(r.status, 200);
+    assert!(hub.is_running());
+}
+
+#[test]
+fn tls_settings_that_cannot_work_stop_the_hub_with_a_clear_error() {
+    let ca = MiniCa::new(&[]);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            format!("[hub]\ntls_cert = {:?}\n", ca.dir.join("hub.crt")),
+            "must be set together",
+        ),
+        (
+            format!("[hub]\nclient_ca = {:?}\n", ca.ca_cert()),
+            "client_ca needs tls_cert",
+        ),
+        (
+            format!(
+                "[hub]\ntls_cert = {:?}\ntls_key = {:?}\n",
+                ca.dir.join("hub.crt"),
+                tmp.path().join("missing.key")
+            ),
+            "missing.key",
+        ),
+        (
+            format!(
+                "[hub]\ntls_cert = {:?}\ntls_key = {:?}\n",
+                ca.dir.join("hub.crt"),
+                ca.dir.join("ca.key")
+            ),
+            "hub.crt",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let config = tmp.path().join(format!("hub{i}.toml"));
+        fs::write(&config, text).expect("write config");
+        let mut cmd = clean_command(tmp.path());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .arg("--config")
+            .arg(&config);
+        let out = run(cmd, None, TIMEOUT);
+        assert_eq!(out.code(), Some(1), "{text}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(expected),
+            "{text}: the error names {expected:?}: {}",
+            out.stderr
+        );
+    }
+    // An agent with https:// and a missing ca_file says so.
+    let agent = Agent::new("https://localhost:1", "web-9");
+    fs::write(
+        agent.base().join("config.toml"),
+        format!("ca_file = {:?}\n", tmp.path().join("nope.crt")),
+    )
+    .expect("write agent config");
+    let out = agent.cmd(&["start"]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("nope.crt"), "{}", out.stderr);
+}
+
+fn hangup(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+}
+
+fn tool_available(name: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()));
+    if !found {
+        if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
+            panic!("{name} is required (MESYNC_REQUIRE_TOOLS=1)");
+        }
+        eprintln!("skipped: {name} is not installed");
+    }
+    found
+}
