@@ -498,3 +498,43 @@ fn tool_available(name: &str) -> bool {
     }
     found
 }
+
+#[test]
+fn clients_that_stall_the_handshake_are_cut_off_and_do_not_hold_up_others() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let ca = MiniCa::new(&["web-1"]);
+    let (hub, _config) = tls_hub(&ca, true);
+    // Connections that never start a handshake, and one that stops half-way through a
+    // ClientHello.
+    let mut stalled: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(hub.addr()).expect("connect"))
+        .collect();
+    let mut half = TcpStream::connect(hub.addr()).expect("connect");
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .expect("write");
+    stalled.push(half);
+    for _ in 0..10 {
+        let r = get(&hub, &ca.client("web-1"), "/v1/messages?host=web-1&wait=0")
+            .expect("served while others stall");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // The stalled ones are closed by the hub after its handshake timeout (10 s).
+    let started = Instant::now();
+    for conn in &mut stalled {
+        let left = TIMEOUT.saturating_sub(started.elapsed());
+        conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        let closed = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue, // a TLS alert before the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a stalled handshake is cut off within {TIMEOUT:?}");
+    }
+}
