@@ -930,10 +930,7 @@ fn strace_or_skip(test: &str) -> bool {
     let Some(why) = strace_unusable() else {
         return true;
     };
-    if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: {why}, and MESYNC_REQUIRE_TOOLS=1 requires it");
-    }
-    eprintln!("SKIPPED {test}: {why}; set MESYNC_REQUIRE_TOOLS=1 to make this a failure");
+    unavailable(test, &why);
     false
 }
 

@@ -16,14 +16,6 @@ use std::time::SystemTime;
 use serde_json::json;
 use support::*;
 
-/// Says why a test cannot run here: a skip, or a failure under `MESYNC_REQUIRE_TOOLS=1`.
-fn unavailable(why: &str) {
-    if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("required for this test: {why}");
-    }
-    eprintln!("skipped: {why}");
-}
-
 /// A small tmpfs mounted over a directory, unmounted when dropped.
 struct Tmpfs(PathBuf);
 
@@ -42,7 +34,10 @@ impl Tmpfs {
         match status {
             Ok(s) if s.success() => Some(Tmpfs(dir.to_path_buf())),
             _ => {
-                unavailable("mounting a tmpfs (needs root and the mount command)");
+                unavailable(
+                    "faults",
+                    "mounting a tmpfs (needs root and the mount command)",
+                );
                 None
             }
         }
@@ -216,7 +211,7 @@ impl FakeClock {
         .map(PathBuf::from)
         .find(|p| p.exists());
         let Some(library) = library else {
-            unavailable("libfaketime (Debian package faketime)");
+            unavailable("faults", "libfaketime (Debian package faketime)");
             return None;
         };
         let file = dir.join("faketime.offset");

@@ -30,7 +30,7 @@ fn nix_uid() -> u32 {
 }
 
 fn skip(why: &str) {
-    eprintln!("skipped: {why}");
+    unavailable("hook privileges", why);
 }
 
 /// A world-writable directory where hooks running as anyone can leave what they saw.
@@ -148,9 +148,6 @@ fn a_non_root_agent_runs_its_own_hooks_as_itself() {
         return skip("needs root to start the agent as another user");
     }
     if !Path::new("/usr/bin/setpriv").exists() && !Path::new("/bin/setpriv").exists() {
-        if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("setpriv (util-linux) is required for this test");
-        }
         return skip("setpriv (util-linux) is not installed");
     }
     let hub = Hub::start();

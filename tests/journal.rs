@@ -121,15 +121,12 @@ fn field<'a>(record: &'a Record, key: &str) -> &'a str {
 fn hub_and_agent_log_structured_records_to_the_journal() {
     let journal = match FakeJournal::bind() {
         Ok(journal) => journal,
-        Err(why) => {
-            if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1")
-                && !why.contains("journald is running")
-            {
-                panic!("cannot run the journal test: {why}");
-            }
-            eprintln!("skipped: {why}");
+        // A running journald is no missing tool: this test only needs its socket path.
+        Err(why) if why.contains("journald is running") => {
+            eprintln!("SKIPPED journal: {why}");
             return;
         }
+        Err(why) => return unavailable("journal", &why),
     };
     let mut records = Vec::new();
     let dir = tempfile::tempdir().expect("tempdir");

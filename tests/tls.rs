@@ -357,8 +357,11 @@ fn the_hub_speaks_tls_1_2_and_1_3_and_nothing_older() {
         assert_eq!(r.status, 200, "{version:?}");
     }
     // TLS 1.1 and older, with openssl's client where it is installed.
-    if !tool_available("openssl") {
-        return;
+    if !on_path("openssl") {
+        return unavailable(
+            "tls 1.1 refusal",
+            "openssl (Debian package openssl) is not installed",
+        );
     }
     let handshake = |version: &str| {
         let out = Command::new("openssl")
@@ -477,26 +480,6 @@ fn tls_settings_that_cannot_work_stop_the_hub_with_a_clear_error() {
     let out = agent.cmd(&["start"]);
     assert_eq!(out.code(), Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("nope.crt"), "{}", out.stderr);
-}
-
-fn hangup(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .expect("kill -HUP");
-    assert!(status.success());
-}
-
-fn tool_available(name: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()));
-    if !found {
-        if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
-            panic!("{name} is required (MESYNC_REQUIRE_TOOLS=1)");
-        }
-        eprintln!("skipped: {name} is not installed");
-    }
-    found
 }
 
 #[test]

@@ -712,11 +712,3 @@ fn strace_usable() -> Result<(), String> {
         Err(e) => Err(format!("strace is not installed ({e})")),
     }
 }
-
-/// Says why a test cannot run here: a skip, or a failure under `MESYNC_REQUIRE_TOOLS=1`.
-fn unavailable(test: &str, why: &str) {
-    if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: {why}, and MESYNC_REQUIRE_TOOLS=1 requires it");
-    }
-    eprintln!("SKIPPED {test}: {why}; set MESYNC_REQUIRE_TOOLS=1 to make this a failure");
-}

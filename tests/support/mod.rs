@@ -180,6 +180,34 @@ fn strip_ansi(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// Outside tools and privileges
+// ---------------------------------------------------------------------------------------
+
+/// Says why a test cannot run here (a missing tool, no root): a skip, printed, or a failure
+/// under `MESYNC_REQUIRE_TOOLS=1`, which CI sets.
+pub fn unavailable(test: &str, why: &str) {
+    if std::env::var("MESYNC_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{test}: {why}, and MESYNC_REQUIRE_TOOLS=1 requires it");
+    }
+    eprintln!("SKIPPED {test}: {why}; set MESYNC_REQUIRE_TOOLS=1 to make this a failure");
+}
+
+/// True when `name` is an executable on PATH.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(name).is_file()))
+}
+
+/// SIGHUP to a process, as `systemctl reload` sends it.
+pub fn hangup(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success(), "kill -HUP {pid}");
+}
+
+// ---------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------
 
@@ -577,25 +605,7 @@ pub fn http_request_with(
     });
 
     let mut reader = stream.try_clone()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
-    let mut read_error = None;
-    loop {
-        match reader.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if response_complete(&buf) {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                read_error = Some(e);
-                break;
-            }
-        }
-    }
+    let (buf, read_error) = read_response(&mut reader);
     let _ = stream.shutdown(Shutdown::Both);
     let _ = writer.join();
     match parse_response(&buf) {
@@ -673,22 +683,11 @@ pub fn https_request_with_config(
     let mut stream = rustls::StreamOwned::new(conn, tcp);
     let data = request_bytes(addr, method, path, headers, body);
     stream.write_all(&data).map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if response_complete(&buf) {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // A server may close without TLS's close_notify once it has answered.
-            Err(_) if response_complete(&buf) => break,
-            Err(e) => return Err(e.to_string()),
-        }
+    let (buf, read_error) = read_response(&mut stream);
+    if let Some(e) = read_error
+        && parse_response(&buf).is_none()
+    {
+        return Err(e.to_string());
     }
     parse_response(&buf).ok_or_else(|| {
         format!(
@@ -696,6 +695,26 @@ pub fn https_request_with_config(
             String::from_utf8_lossy(&buf)
         )
     })
+}
+
+/// Reads until a whole response has arrived, the peer closes, or reading fails (a server
+/// may close a TLS connection without close_notify once it has answered).
+fn read_response(reader: &mut impl Read) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => return (buf, None),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if response_complete(&buf) {
+                    return (buf, None);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return (buf, Some(e)),
+        }
+    }
 }
 
 /// Where the body starts, the status and the headers.
