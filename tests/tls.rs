@@ -285,6 +285,38 @@ fn an_agent_trusting_another_ca_sends_nothing_and_keeps_its_message() {
     );
     assert!(agent.files("sent").is_empty());
     assert!(!hub.is_registered("web-1"), "the hub saw no request");
+
+    // The operator fixes the trust and reloads: the message goes, without a restart.
+    fs::write(
+        agent.base().join("config.toml"),
+        format!("ca_file = {:?}\n", ca.ca_cert()),
+    )
+    .expect("fix the agent config");
+    hangup(agent.pid().expect("agent pid"));
+    wait_until(
+        LONG_TIMEOUT,
+        "the message is sent once the CA is trusted",
+        || agent.files("outbox").is_empty() && agent.files("sent").len() == 1,
+    );
+    assert!(hub.is_registered("web-1"));
+
+    // A reload with a certificate file that cannot be read keeps the working settings.
+    fs::write(
+        agent.base().join("config.toml"),
+        "ca_file = \"/nonexistent/ca.crt\"\n",
+    )
+    .expect("break the agent config");
+    let mark = agent.logs.len();
+    hangup(agent.pid().expect("agent pid"));
+    wait_until(TIMEOUT, "the agent refuses the broken settings", || {
+        agent.logs.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("keeping the ones in use") && l.contains("/nonexistent/ca.crt"))
+    });
+    agent.send("tls.after", "{}", &[]);
+    wait_until(TIMEOUT, "still sending with the settings in use", || {
+        agent.files("outbox").is_empty() && agent.files("sent").len() == 2
+    });
 }
 
 #[test]

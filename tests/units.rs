@@ -122,6 +122,12 @@ fn units_start_the_packaged_binary_with_the_right_subcommand() {
             "{name}: wrong subcommand in ExecStart={}",
             exec[0]
         );
+        // `systemctl reload` is how the README says to apply a changed config: SIGHUP.
+        assert_eq!(
+            values(&read(&path), "ExecReload"),
+            vec!["/bin/kill -HUP $MAINPID".to_string()],
+            "{name}: `systemctl reload` must send SIGHUP"
+        );
     }
 }
 

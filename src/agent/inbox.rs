@@ -37,10 +37,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub async fn run(agent: Arc<Agent>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let host = agent.config().host_id.clone();
-    let wait = long_poll(agent.config().http_timeout);
     loop {
+        let wait = long_poll(agent.config().http_timeout);
+        let client = agent.client();
         let pulled = tokio::select! {
-            pulled = agent.client.pull(&host, wait, MAX_PULL) => pulled,
+            pulled = client.pull(&host, wait, MAX_PULL) => pulled,
+            // New connection settings: poll again with them.
+            _ = agent.reloaded.notified() => continue,
             _ = agent.shutdown.cancelled() => return,
         };
         let values = match pulled {
@@ -86,7 +89,7 @@ pub async fn run(agent: Arc<Agent>) {
         backoff.reset();
         agent.hooks_wake.notify_one();
         let started = std::time::Instant::now();
-        let acked = agent.client.ack(&host, &ack_ids).await;
+        let acked = agent.client().ack(&host, &ack_ids).await;
         tracing::debug!(took = ?started.elapsed(), "ack");
         if let Err(err) = acked {
             // The messages are durable here; the hub will offer them again and the ledger

@@ -45,7 +45,8 @@ pub struct Agent {
     config: RwLock<Arc<Config>>,
     /// Woken when the configuration was replaced, so sleeping loops pick it up at once.
     pub reloaded: Notify,
-    pub client: HubClient,
+    /// The connection to the hub; SIGHUP may replace it too.
+    client: RwLock<HubClient>,
     pub ledger: Mutex<Ledger>,
     /// Woken when the inbox loop delivered messages whose hooks must run.
     pub hooks_wake: Notify,
@@ -59,6 +60,14 @@ impl Agent {
     /// The configuration now in force.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The client for the hub, as configured now.
+    pub fn client(&self) -> HubClient {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -76,35 +85,47 @@ impl Agent {
 }
 
 /// Puts a reloaded configuration in force. What the loops read each time round
-/// (`poll_interval`, `sent_ttl`, `hook_timeout`, `hook_user`) takes effect at once; the
-/// identity and the connection to the hub (`host_id`, base dir, `server_url`, `http_timeout`,
-/// the token and TLS files) need a restart, which is logged.
+/// (`poll_interval`, `sent_ttl`, `hook_timeout`, `hook_user`) takes effect at once; so do
+/// the connection settings (`server_url`, `http_timeout`, `token`, the TLS files, read
+/// again even when their paths are the same, so renewed certificates are picked up): a
+/// new client is built, and the long-poll in progress is given up for one on it. If the new
+/// connection settings cannot be used (an unreadable certificate), they are refused with
+/// an error and the ones in use stay. The identity (`host_id`, base dir) changes only with
+/// a restart.
 pub fn apply_reload(agent: &Agent, new: Config) {
     service::reloading();
     let old = agent.config();
-    let restart_needed = old.host_id != new.host_id
-        || old.base_dir != new.base_dir
-        || old.server_url != new.server_url
-        || old.http_timeout != new.http_timeout
-        || old.token != new.token
-        || old.ca_file != new.ca_file
-        || old.client_cert != new.client_cert
-        || old.client_key != new.client_key;
-    if restart_needed {
-        tracing::warn!(
-            "host_id, base dir, server_url, http_timeout, token and TLS changes take effect at the next restart"
-        );
+    if old.host_id != new.host_id || old.base_dir != new.base_dir {
+        tracing::warn!("host_id and base dir changes take effect at the next restart");
     }
-    let merged = Config {
-        poll_interval: new.poll_interval,
-        sent_ttl: new.sent_ttl,
-        hook_timeout: new.hook_timeout,
-        hook_user: new.hook_user,
-        ..(*old).clone()
+    let merged = match HubClient::new(&new) {
+        Ok(client) => {
+            *agent.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+            Config {
+                host_id: old.host_id.clone(),
+                base_dir: old.base_dir.clone(),
+                ..new
+            }
+        }
+        Err(err) => {
+            tracing::error!(%err, "the new connection settings cannot be used; keeping the ones in use");
+            Config {
+                poll_interval: new.poll_interval,
+                sent_ttl: new.sent_ttl,
+                hook_timeout: new.hook_timeout,
+                hook_user: new.hook_user,
+                ..(*old).clone()
+            }
+        }
     };
+    tracing::info!(
+        poll_interval = ?merged.poll_interval,
+        sent_ttl = ?merged.sent_ttl,
+        hub = %merged.server_url,
+        "configuration reloaded"
+    );
     *agent.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(merged);
     agent.reloaded.notify_waiters();
-    tracing::info!(poll_interval = ?new.poll_interval, sent_ttl = ?new.sent_ttl, "configuration reloaded");
     service::ready(&status_line(agent));
 }
 
@@ -150,7 +171,7 @@ pub async fn run(
     let status = Status::new(&config);
     status.save(&config.state_dir());
     let agent = Arc::new(Agent {
-        client,
+        client: RwLock::new(client),
         reloaded: Notify::new(),
         ledger: Mutex::new(ledger),
         hooks_wake: Notify::new(),

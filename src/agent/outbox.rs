@@ -313,7 +313,7 @@ async fn send_batch(
     filing: &mut Filing,
 ) -> Result<(), HubError> {
     let body = batch_body(batch);
-    match agent.client.send(body).await {
+    match agent.client().send(body).await {
         Ok((status, reply)) => {
             agent.hub_result(Ok(()));
             let mut transient = None;
