@@ -86,6 +86,12 @@ fn tls_hub(ca: &MiniCa, mtls: bool) -> (Hub, tempfile::TempDir) {
         "{:?}",
         hub.logs.lines()
     );
+    assert_eq!(
+        hub.logs.contains("open mode"),
+        !mtls,
+        "without tokens, only a hub that asks for client certificates is not open: {:?}",
+        hub.logs.lines()
+    );
     (hub, tmp)
 }
 

@@ -90,7 +90,12 @@ pub async fn run(
         .await
         .map_err(|e| Error::Invalid(format!("store start-up failed: {e}")))??;
     let tokens = auth::Tokens::load(&config.data_dir)?;
-    if tokens.is_open() {
+    let asks_certs = tls.as_ref().is_some_and(|tls| tls.asks_client_certs());
+    if asks_certs {
+        tracing::info!(
+            "client certificates required: each caller is the host its certificate names"
+        );
+    } else if tokens.is_open() {
         tracing::warn!(
             "open mode: no tokens are configured, so anyone who can reach this hub can \
              send, read and acknowledge any host's messages; `mesync token issue HOST` ends it"
