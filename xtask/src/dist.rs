@@ -654,6 +654,40 @@ mod tests {
         assert!(!parse_changelog(&text).unwrap().is_empty());
     }
 
+    /// The default /etc/mesync/*.toml must be accepted as the units pass them, with
+    /// `--config`, and must set nothing (every key commented out, showing its default).
+    #[test]
+    fn the_shipped_configuration_files_parse_as_all_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |file: &str| {
+            let overrides = mesync::config::Overrides {
+                config: Some(project_root().join("packaging").join(file)),
+                base_dir: Some(dir.path().to_path_buf()),
+                host_id: Some("h".into()),
+                ..Default::default()
+            };
+            mesync::config::Config::load_with(&overrides, |_| None)
+                .unwrap_or_else(|e| panic!("packaging/{file}: {e}"))
+        };
+        let defaults = mesync::config::Config::load_with(
+            &mesync::config::Overrides {
+                base_dir: Some(dir.path().to_path_buf()),
+                host_id: Some("h".into()),
+                ..Default::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        for file in ["hub.toml", "agent.toml"] {
+            let config = load(file);
+            assert_eq!(config.server_url, defaults.server_url, "{file}");
+            assert_eq!(config.poll_interval, defaults.poll_interval, "{file}");
+            assert_eq!(config.hub.listen, defaults.hub.listen, "{file}");
+            assert_eq!(config.hub.data_dir, defaults.hub.data_dir, "{file}");
+            assert!(config.token.is_none(), "{file}");
+        }
+    }
+
     #[test]
     fn placeholders_are_all_filled_or_refused() {
         let filled = fill("t", "V=@VERSION@ a@b.org", &[("VERSION", "1")]).unwrap();
