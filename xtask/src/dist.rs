@@ -15,7 +15,10 @@
 //! `packaging/changelog`, which must name that version, so a release cannot be packed
 //! without its changelog entry. The output is reproducible: every timestamp is
 //! `SOURCE_DATE_EPOCH` if set, else the date of that changelog entry (as dpkg does), entries
-//! are sorted, owners are root, and compression embeds no time or name.
+//! are sorted, owners are root, and compression embeds no time or name. One input is easy
+//! to miss: the checkout's path, which the linker hashes (through the debug information)
+//! into the binary's GNU build id, and which stripping leaves in place. Builds of one
+//! commit in the same directory are identical; elsewhere the build id differs.
 
 mod deb;
 mod docs;
