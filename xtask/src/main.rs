@@ -5,9 +5,12 @@
 //! - `bench [--short]`: starts a real hub and real agents (release build) on loopback in a
 //!   temporary directory and prints the latency from an outbox file appearing on one agent
 //!   to the message being in another agent's inbox, and to its hook starting.
+//! - `dist [--target-dir DIR]`: builds the release binary and writes the .deb, the .rpm and
+//!   the launchd tarball into `target/dist/` (see `dist.rs`).
 
 mod bench;
 mod disk;
+mod dist;
 mod light;
 mod peers;
 mod procs;
@@ -20,6 +23,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("torture") => torture::cli(&args[1..], procs::build_release),
         Some(other) => Err(format!("unknown task {other:?}\n{USAGE}")),
         None => Err(USAGE.to_string()),
@@ -33,7 +37,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback\n  torture [--kills N] [--seed S] [--agents K] [--short] [--keep]\n                    kill -9 hub and agents under load; check exactly-once delivery";
+const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback\n  torture [--kills N] [--seed S] [--agents K] [--short] [--keep]\n                    kill -9 hub and agents under load; check exactly-once delivery\n  dist [--target-dir DIR]\n                    build the .deb, the .rpm and the launchd tarball into target/dist/";
 
 /// The workspace root, from this crate's manifest dir.
 pub fn project_root() -> PathBuf {
