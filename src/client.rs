@@ -32,7 +32,8 @@ pub enum HubError {
 }
 
 impl HubError {
-    /// True when trying again later may succeed: no answer, 408, 429, 5xx (507 included).
+    /// True when trying again later may succeed: no answer, 401 or 403 (credentials
+    /// being fixed), 408, 429, 5xx (507 included).
     pub fn is_transient(&self) -> bool {
         match self {
             HubError::Transport(_) => true,
@@ -41,9 +42,12 @@ impl HubError {
     }
 }
 
-/// The statuses worth retrying: the hub is busy, full or failing, not refusing the message.
+/// The statuses worth retrying: the hub is busy, full or failing, or refuses this host's
+/// credentials (a wrong token or certificate is the configuration's fault, not the
+/// message's: the messages wait in `outbox/` until it is fixed and reloaded), not refusing
+/// the message itself.
 pub fn is_transient_status(status: u16) -> bool {
-    status == 408 || status == 429 || status >= 500
+    matches!(status, 401 | 403 | 408 | 429) || status >= 500
 }
 
 /// The hub's answer to a send.
@@ -83,6 +87,9 @@ impl HubClient {
             client_key: config.client_key.clone(),
         };
         let tls = if https {
+            if let Some(cert) = &files.client_cert {
+                tls::check_client_identity(cert, &config.host_id)?;
+            }
             tls::client_config(&files)?
         } else {
             if files.ca_file.is_some() || files.client_cert.is_some() || files.client_key.is_some()
@@ -247,10 +254,10 @@ mod tests {
 
     #[test]
     fn transient_and_permanent_statuses() {
-        for s in [408, 429, 500, 502, 503, 507] {
+        for s in [401, 403, 408, 429, 500, 502, 503, 507] {
             assert!(is_transient_status(s), "{s}");
         }
-        for s in [400, 401, 403, 404, 413] {
+        for s in [400, 404, 405, 413, 422] {
             assert!(!is_transient_status(s), "{s}");
         }
         assert!(HubError::Transport("x".into()).is_transient());

@@ -150,7 +150,7 @@ impl Config {
             .or_else(|| env("MESYNC_SERVER_URL"))
             .or(file.server_url)
             .unwrap_or_else(|| Defaults::SERVER_URL.to_string());
-        validate_server_url(&server_url)?;
+        let server_url = normalize_server_url(&server_url)?;
 
         let host_id = match overrides
             .host_id
@@ -410,12 +410,17 @@ fn read_token_file(path: &Path) -> Result<Secret> {
     Ok(Secret::new(token.to_string()))
 }
 
-fn validate_server_url(url: &str) -> Result<()> {
+/// Checks a hub URL and writes its scheme in lower case (`HTTPS://hub` is `https://hub`),
+/// so that everything after can tell TLS from plain HTTP by the prefix.
+fn normalize_server_url(url: &str) -> Result<String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| Error::Config(format!("server_url {url:?}: {e}")))?;
-    match uri.scheme_str() {
-        Some("http") | Some("https") if uri.authority().is_some() => Ok(()),
+    let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+    match (scheme.as_deref(), url.split_once("://")) {
+        (Some(scheme @ ("http" | "https")), Some((_, rest))) if uri.authority().is_some() => {
+            Ok(format!("{scheme}://{rest}"))
+        }
         _ => Err(Error::Config(format!(
             "server_url {url:?}: expected http://HOST:PORT or https://HOST:PORT"
         ))),
@@ -517,6 +522,17 @@ mod tests {
             .to_string();
         assert!(err.contains("listen_on"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn the_server_url_scheme_is_written_in_lower_case() {
+        let c = load(
+            &[("MESYNC_SERVER_URL", "HTTPS://Hub.example.com:8443/m")],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.server_url, "https://Hub.example.com:8443/m");
+        assert!(load(&[("MESYNC_SERVER_URL", "https://")], None).is_err());
     }
 
     #[test]

@@ -205,9 +205,24 @@ fn mtls_refuses_callers_without_a_certificate_or_with_another_cas() {
     let err = get(&hub, &forged, "/v1/messages?host=web-1&wait=0")
         .expect_err("another CA's certificate must not get through");
     assert!(
-        !err.is_empty(),
-        "the handshake fails with an error: {err:?}"
+        err.contains("alert"),
+        "the hub ends the handshake with an alert: {err:?}"
     );
+
+    // The hub's own certificate is for servers: it cannot be used as a client's.
+    let hub_as_client = ClientFiles {
+        ca_file: Some(ca.ca_cert()),
+        client_cert: Some(ca.dir.join("hub.crt")),
+        client_key: Some(ca.dir.join("hub.key")),
+    };
+    let err =
+        get(&hub, &hub_as_client, "/v1/hosts").expect_err("a server certificate as a client's");
+    assert!(err.contains("alert"), "{err:?}");
+
+    // A certificate from the right CA whose name is not a host id identifies nobody.
+    let odd = sign_client_cert(&ca, "not/a/host");
+    let r = get(&hub, &odd, "/v1/messages?host=web-1&wait=0").expect("answer");
+    r.assert_error(403, "a certificate that names no valid host");
     assert!(!hub.is_registered("web-1"), "nothing was registered");
 }
 
@@ -248,17 +263,120 @@ fn a_certificate_for_one_host_cannot_act_as_another() {
         .arg(hub.data_dir());
     let token = run(cmd, None, TIMEOUT).ok("token issue").stdout;
     let bearer = format!("Bearer {}", token.trim());
-    let r = https_request(
-        hub.addr(),
-        "localhost",
-        &web1,
-        "GET",
-        "/v1/messages?host=web-1&wait=0",
-        &[("Authorization", &bearer)],
-        None,
-    )
-    .expect("answer");
+    let pull_as_web1 = |authorization: Option<&str>| {
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        https_request(
+            hub.addr(),
+            "localhost",
+            &web1,
+            "GET",
+            "/v1/messages?host=web-1&wait=0",
+            &headers,
+            None,
+        )
+        .expect("answer")
+    };
+    let r = pull_as_web1(Some(&bearer));
     r.assert_error(403, "web-2's token with web-1's certificate");
+    assert!(
+        !r.text().contains("web-2"),
+        "the answer does not say whose token it is: {}",
+        r.text()
+    );
+    pull_as_web1(Some("Bearer msy_wrong")).assert_error(401, "a wrong token with a certificate");
+    assert_eq!(
+        pull_as_web1(None).status,
+        200,
+        "with tokens issued, a certificate alone still identifies its host"
+    );
+    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
+    cmd.args(["token", "issue", "web-1", "--data-dir"])
+        .arg(hub.data_dir());
+    let own = run(cmd, None, TIMEOUT).ok("token issue").stdout;
+    let r = pull_as_web1(Some(&format!("Bearer {}", own.trim())));
+    assert_eq!(
+        r.status,
+        200,
+        "its own token with its certificate: {}",
+        r.text()
+    );
+}
+
+/// A client certificate for `name`, signed by `ca` without the CLI's checks of the name.
+fn sign_client_cert(ca: &MiniCa, name: &str) -> ClientFiles {
+    let ca_pem = fs::read_to_string(ca.ca_cert()).expect("ca.crt");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&fs::read_to_string(ca.dir.join("ca.key")).expect("ca.key"))
+            .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    let cert_path = ca.dir.join("odd.crt");
+    let key_path = ca.dir.join("odd.key");
+    fs::write(&cert_path, cert.pem()).expect("write cert");
+    fs::write(&key_path, key.serialize_pem()).expect("write key");
+    ClientFiles {
+        ca_file: Some(ca.ca_cert()),
+        client_cert: Some(cert_path),
+        client_key: Some(key_path),
+    }
+}
+
+#[test]
+fn a_new_client_ca_cuts_off_connected_hosts_it_no_longer_trusts() {
+    let ca = MiniCa::new(&["web-1"]);
+    let other = MiniCa::new(&["web-2"]);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let client_ca = tmp.path().join("client-ca.crt");
+    fs::copy(ca.ca_cert(), &client_ca).expect("copy the CA");
+    let config = tmp.path().join("hub.toml");
+    fs::write(
+        &config,
+        format!(
+            "[hub]\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\n",
+            ca.dir.join("hub.crt"),
+            ca.dir.join("hub.key"),
+            client_ca
+        ),
+    )
+    .expect("write hub config");
+    let hub = Hub::start_with(&["--config", &config.to_string_lossy()], &[]);
+    let mut web1 = tls_agent(&hub, "web-1", &ca.client("web-1"), "");
+    web1.start();
+    hub.wait_registered(&["web-1"]);
+
+    // web-1's long-poll is open. The operator now trusts only the other CA.
+    fs::copy(other.ca_cert(), &client_ca).expect("switch the client CA");
+    let mark = hub.logs.len();
+    hangup(hub.pid().expect("hub pid"));
+    wait_until(TIMEOUT, "the hub cuts web-1's connection", || {
+        hub.logs.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("no longer trusted after a reload"))
+    });
+    let web2 = ClientFiles {
+        ca_file: Some(ca.ca_cert()),
+        ..other.client("web-2")
+    };
+    let msg = message("tls.cut", "web-2", Some("web-1"), "normal", json!({}));
+    let r = post(&hub, &web2, "/v1/messages", &msg);
+    assert_eq!(r.status, 200, "a host of the new CA sends: {}", r.text());
+    let mark = web1.logs.len();
+    wait_until(TIMEOUT, "web-1 is refused when it reconnects", || {
+        web1.logs.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("cannot pull from the hub"))
+    });
+    assert!(web1.inbox().is_empty(), "nothing reaches the host shut out");
+    assert_eq!(
+        hub.queue_ids("web-1").len(),
+        1,
+        "the message waits at the hub"
+    );
 }
 
 #[test]
@@ -266,7 +384,15 @@ fn an_agent_trusting_another_ca_sends_nothing_and_keeps_its_message() {
     let ca = MiniCa::new(&["web-1"]);
     let other = MiniCa::new(&["web-1"]);
     let (hub, _config) = tls_hub(&ca, false);
-    let mut agent = tls_agent(&hub, "web-1", &other.anonymous(), "");
+    // The agent's ca_file is a path of its own, which the operator will fix in place.
+    let trusted = tempfile::tempdir().expect("tempdir");
+    let ca_file = trusted.path().join("ca.crt");
+    fs::copy(other.ca_cert(), &ca_file).expect("copy the wrong CA");
+    let files = ClientFiles {
+        ca_file: Some(ca_file.clone()),
+        ..ClientFiles::default()
+    };
+    let mut agent = tls_agent(&hub, "web-1", &files, "");
     agent.start();
     agent.send("tls.kept", "{}", &[]);
     wait_until(
@@ -292,12 +418,9 @@ fn an_agent_trusting_another_ca_sends_nothing_and_keeps_its_message() {
     assert!(agent.files("sent").is_empty());
     assert!(!hub.is_registered("web-1"), "the hub saw no request");
 
-    // The operator fixes the trust and reloads: the message goes, without a restart.
-    fs::write(
-        agent.base().join("config.toml"),
-        format!("ca_file = {:?}\n", ca.ca_cert()),
-    )
-    .expect("fix the agent config");
+    // The operator puts the right CA at the same path and reloads: the message goes,
+    // without a restart.
+    fs::copy(ca.ca_cert(), &ca_file).expect("fix the CA file");
     hangup(agent.pid().expect("agent pid"));
     wait_until(
         LONG_TIMEOUT,
@@ -416,10 +539,11 @@ fn the_hub_speaks_tls_1_2_and_1_3_and_nothing_older() {
         "openssl speaks TLS 1.2 with the hub: {tls12}"
     );
     for old in ["-tls1_1", "-tls1"] {
+        // Refused by the hub (an alert it sent), not merely unable to finish.
         let text = handshake(old);
         assert!(
-            text.contains("Cipher is (NONE)"),
-            "{old} must be refused: {text}"
+            text.contains("Cipher is (NONE)") && text.contains("SSL alert number"),
+            "{old} must be refused by the hub: {text}"
         );
     }
 }
@@ -508,6 +632,26 @@ fn tls_settings_that_cannot_work_stop_the_hub_with_a_clear_error() {
             out.stderr
         );
     }
+    // An agent whose client certificate names another host refuses to start.
+    let agent = Agent::new("https://localhost:1", "web-9");
+    fs::write(
+        agent.base().join("config.toml"),
+        format!(
+            "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n",
+            ca.ca_cert(),
+            ca.dir.join("hub.crt"),
+            ca.dir.join("hub.key")
+        ),
+    )
+    .expect("write agent config");
+    let out = agent.cmd(&["start"]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("but this host is web-9"),
+        "{}",
+        out.stderr
+    );
+
     // An agent with https:// and a missing ca_file says so.
     let agent = Agent::new("https://localhost:1", "web-9");
     fs::write(

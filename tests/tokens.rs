@@ -110,23 +110,36 @@ fn agents_with_tokens_deliver_end_to_end_and_a_wrong_token_is_refused() {
     let broadcast = tx.send("tok.e2e", r#"{"n": 2}"#, &[]);
     wait_until(TIMEOUT, "a broadcast with tokens", || rx.has(&broadcast));
 
-    // An agent with a wrong token delivers nothing; its message is refused for good.
-    let mut bad = Agent::new(&hub.url(), "bad").with_env("MESYNC_TOKEN", "msy_not_a_token");
+    // An agent with a wrong token delivers nothing, and keeps its message: a credential
+    // is fixed and reloaded, the message is not at fault.
+    let mut bad = Agent::new(&hub.url(), "bad");
+    fs::write(
+        bad.base().join("config.toml"),
+        "token = \"msy_not_a_token\"\n",
+    )
+    .expect("write config");
     bad.start();
     bad.send("tok.e2e", r#"{"n": 3}"#, &["--target", "rx"]);
-    wait_until(TIMEOUT, "the refused message goes to failed/", || {
-        bad.files("failed").iter().any(|f| f.ends_with(".reason"))
+    wait_until(TIMEOUT, "the agent reports the refused token", || {
+        bad.logs.contains("hub answered 401")
     });
-    let reason = bad
-        .files("failed")
-        .into_iter()
-        .find(|f| f.ends_with(".reason"))
-        .map(|f| fs::read_to_string(bad.dir("failed").join(f)).unwrap_or_default())
-        .unwrap_or_default();
-    assert!(reason.contains("401"), "the reason says why: {reason}");
+    assert_eq!(bad.files("outbox").len(), 1, "the message waits in outbox/");
+    assert!(bad.files("failed").is_empty(), "{:?}", bad.files("failed"));
     assert_eq!(
         rx.inbox().len(),
         2,
         "nothing from the agent with a wrong token"
+    );
+    let good = issue(&hub, "bad");
+    fs::write(
+        bad.base().join("config.toml"),
+        format!("token = {good:?}\n"),
+    )
+    .expect("fix config");
+    hangup(bad.pid().expect("agent pid"));
+    wait_until(
+        LONG_TIMEOUT,
+        "the message goes once the token is fixed",
+        || rx.inbox().len() == 3,
     );
 }

@@ -109,12 +109,17 @@ pub fn apply_reload(agent: &Agent, new: Config) {
         }
         Err(err) => {
             tracing::error!(%err, "the new connection settings cannot be used; keeping the ones in use");
+            // The connection settings in use stay; everything else is taken.
             Config {
-                poll_interval: new.poll_interval,
-                sent_ttl: new.sent_ttl,
-                hook_timeout: new.hook_timeout,
-                hook_user: new.hook_user,
-                ..(*old).clone()
+                server_url: old.server_url.clone(),
+                http_timeout: old.http_timeout,
+                token: old.token.clone(),
+                ca_file: old.ca_file.clone(),
+                client_cert: old.client_cert.clone(),
+                client_key: old.client_key.clone(),
+                host_id: old.host_id.clone(),
+                base_dir: old.base_dir.clone(),
+                ..new
             }
         }
     };

@@ -393,12 +393,14 @@ pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
         name = format!("{base}.{n}");
         n += 1;
     }
-    spool::move_file(&config.outbox_dir().join(file), &failed, &name, true)?;
-    spool::write_atomic(
-        &failed,
-        &format!("{name}{REASON_SUFFIX}"),
-        format!("{reason}\n").as_bytes(),
-    )?;
+    // The reason first: whoever sees the message in failed/ (`mesync list failed`) finds
+    // why beside it. A crash in between leaves a reason without its message, harmless.
+    let reason_name = format!("{name}{REASON_SUFFIX}");
+    spool::write_atomic(&failed, &reason_name, format!("{reason}\n").as_bytes())?;
+    if let Err(err) = spool::move_file(&config.outbox_dir().join(file), &failed, &name, true) {
+        let _ = std::fs::remove_file(failed.join(&reason_name));
+        return Err(err);
+    }
     tracing::warn!(file = %name, %reason, "message moved to failed/");
     Ok(())
 }

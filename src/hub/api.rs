@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,9 +42,19 @@ pub struct Api<S> {
     pub polls: Mutex<HashMap<String, usize>>,
     pub max_message_bytes: usize,
     pub shutdown: CancellationToken,
+    /// TLS handshakes that failed or timed out (on /metrics).
+    pub tls_failures: AtomicU64,
 }
 
 pub type Answer = Response<Full<Bytes>>;
+
+/// Why a token was refused, for the caller.
+fn token_refusal(denied: Denied) -> &'static str {
+    match denied {
+        Denied::Missing => "a bearer token is required (Authorization: Bearer <token>)",
+        Denied::Invalid => "the bearer token is not valid",
+    }
+}
 
 /// An error answer: a status and a message for the client (never internals or paths).
 struct Refusal(StatusCode, String);
@@ -126,34 +137,43 @@ impl<S: Store> Api<S> {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let by_token = self
-            .tokens
-            .authenticate(header)
-            .map_err(|denied| match denied {
-                Denied::Missing => "a bearer token is required (Authorization: Bearer <token>)",
-                Denied::Invalid => "the bearer token is not valid",
-            });
+        let by_token = self.tokens.authenticate(header);
         let refuse = |status: StatusCode, why: String| {
             tracing::warn!(%peer, %path, %why, "request refused");
             Refusal(status, why)
         };
         match (cert, by_token) {
-            (_, Err(why)) => Err(refuse(StatusCode::UNAUTHORIZED, why.into())),
             (ClientCert::NotAsked, Ok(caller)) => Ok(caller),
+            (ClientCert::NotAsked, Err(denied)) => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                token_refusal(denied).into(),
+            )),
             (ClientCert::Missing, _) => Err(refuse(
                 StatusCode::UNAUTHORIZED,
                 "a client certificate is required".into(),
             )),
             (ClientCert::Unusable(why), _) => Err(refuse(StatusCode::FORBIDDEN, why.clone())),
-            (ClientCert::Host(host), Ok(Caller::Host(token_host))) if token_host != *host => {
-                Err(refuse(
+            // The certificate says who calls; a token is optional, so that issuing tokens
+            // (say, for an operator's tools) does not shut out certificate-only agents. A
+            // token that is presented must be valid and name the same host.
+            (ClientCert::Host(host), Ok(Caller::Open) | Err(Denied::Missing)) => {
+                Ok(Caller::Host(host.clone()))
+            }
+            (ClientCert::Host(_), Err(denied)) => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                token_refusal(denied).into(),
+            )),
+            (ClientCert::Host(host), Ok(Caller::Host(token_host))) if token_host == *host => {
+                Ok(Caller::Host(host.clone()))
+            }
+            (ClientCert::Host(host), Ok(_)) => {
+                // Which host the token belongs to goes to the log, not to the caller.
+                tracing::warn!(%peer, %path, certificate = %host, "a token of another host was presented");
+                Err(Refusal(
                     StatusCode::FORBIDDEN,
-                    format!(
-                        "the bearer token is host {token_host}'s but the client certificate is {host}'s"
-                    ),
+                    "the bearer token and the client certificate name different hosts".into(),
                 ))
             }
-            (ClientCert::Host(host), Ok(_)) => Ok(Caller::Host(host.clone())),
         }
     }
 
@@ -370,6 +390,7 @@ impl<S: Store> Api<S> {
     }
 
     /// The long-polls open now, for /metrics.
+    /// Metrics of the HTTP layer: long-polls open, failed TLS handshakes.
     fn poll_metrics(&self) -> String {
         let open: usize = self
             .polls
@@ -377,9 +398,13 @@ impl<S: Store> Api<S> {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .sum();
+        let tls_failures = self.tls_failures.load(Ordering::Relaxed);
         format!(
             "# HELP mesync_long_polls_open Long-polls waiting at the hub.\n\
-             # TYPE mesync_long_polls_open gauge\nmesync_long_polls_open {open}\n"
+             # TYPE mesync_long_polls_open gauge\nmesync_long_polls_open {open}\n\
+             # HELP mesync_tls_handshake_failures_total TLS handshakes that failed or timed out.\n\
+             # TYPE mesync_tls_handshake_failures_total counter\n\
+             mesync_tls_handshake_failures_total {tls_failures}\n"
         )
     }
 

@@ -6,32 +6,25 @@
 
 pub mod api;
 pub mod auth;
+pub mod conn;
 pub mod store;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::HubConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::service;
 use crate::tls::{ServerFiles, ServerTls};
 use api::Api;
-use auth::ClientCert;
+use conn::Conns;
 use store::{FileStore, Store};
 
-/// A client that has not sent its request headers within this time is dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// A client that has not finished the TLS handshake within this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often expired messages are swept from the queues.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests in flight.
@@ -105,11 +98,17 @@ pub async fn run(
         store,
         tokens,
         polls: Default::default(),
+        tls_failures: Default::default(),
         max_message_bytes: usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
         shutdown: shutdown.clone(),
     });
 
-    let graceful = Arc::new(GracefulShutdown::new());
+    let conns = Arc::new(Conns {
+        api: Arc::clone(&api),
+        tls: tls.clone(),
+        tasks: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let listener = TcpListener::from_std(listener)
@@ -119,13 +118,7 @@ pub async fn run(
             .ctx("read listener address", std::path::Path::new("(listener)"))?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{addr}");
-        accept_loops.spawn(accept_loop(
-            listener,
-            Arc::clone(&api),
-            tls.clone(),
-            Arc::clone(&graceful),
-            shutdown.clone(),
-        ));
+        accept_loops.spawn(conn::accept_loop(listener, Arc::clone(&conns)));
     }
     let sweeper = tokio::spawn(expiry_loop(Arc::clone(&api), shutdown.clone()));
     service::ready(&status_line(&api.store));
@@ -138,7 +131,12 @@ pub async fn run(
                     service::reloading();
                     api.tokens.refresh();
                     if let Some(tls) = &tls {
-                        match tls.reload() {
+                        // Reading and parsing files: off the threads that serve requests.
+                        let reloading = Arc::clone(tls);
+                        let reloaded = tokio::task::spawn_blocking(move || reloading.reload())
+                            .await
+                            .unwrap_or_else(|e| Err(Error::Config(format!("TLS reload failed: {e}"))));
+                        match reloaded {
                             Ok(()) => tracing::info!("TLS certificate and key reloaded"),
                             Err(err) => tracing::error!(%err, "TLS files not reloaded; keeping the ones in use"),
                         }
@@ -156,12 +154,15 @@ pub async fn run(
     while accept_loops.join_next().await.is_some() {}
     let _ = sweeper.await;
     let _ = reporter.await;
-    if let Ok(graceful) = Arc::try_unwrap(graceful)
-        && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-            .await
-            .is_err()
+    conns.tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, conns.tasks.wait())
+        .await
+        .is_err()
     {
-        tracing::warn!("some connections did not finish in time");
+        tracing::warn!(
+            connections = conns.tasks.len(),
+            "some connections did not finish in time"
+        );
     }
     tracing::info!("hub stopped");
     Ok(())
@@ -185,105 +186,6 @@ fn server_tls(config: &HubConfig) -> Result<Option<ServerTls>> {
             "[hub] tls_cert and tls_key must be set together".into(),
         )),
     }
-}
-
-async fn accept_loop<S: Store>(
-    listener: TcpListener,
-    api: Arc<Api<S>>,
-    tls: Option<Arc<ServerTls>>,
-    graceful: Arc<GracefulShutdown>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let api = Arc::clone(&api);
-        let Some(tls) = &tls else {
-            serve_connection(stream, peer, ClientCert::NotAsked, api, &graceful);
-            continue;
-        };
-        let acceptor = tls.acceptor();
-        let asks_certs = tls.asks_client_certs();
-        // Holds the drain only once the connection speaks HTTP: a handshake in progress
-        // must not keep shutdown from draining the others.
-        let graceful = Arc::downgrade(&graceful);
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(err)) => {
-                    tracing::info!(%peer, %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "TLS handshake not finished in time; connection closed");
-                    return;
-                }
-            };
-            let cert = if asks_certs {
-                client_cert(stream.get_ref().1)
-            } else {
-                ClientCert::NotAsked
-            };
-            if let Some(graceful) = graceful.upgrade() {
-                serve_connection(stream, peer, cert, api, &graceful);
-            }
-        });
-    }
-}
-
-/// Who the client certificate of a TLS connection names.
-fn client_cert(conn: &rustls::ServerConnection) -> ClientCert {
-    match conn.peer_certificates().and_then(|chain| chain.first()) {
-        None => ClientCert::Missing,
-        Some(cert) => match crate::tls::host_of_certificate(cert) {
-            Ok(host) => ClientCert::Host(host),
-            Err(why) => ClientCert::Unusable(why),
-        },
-    }
-}
-
-/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes or the hub drains.
-fn serve_connection<S, I>(
-    io: I,
-    peer: SocketAddr,
-    cert: ClientCert,
-    api: Arc<Api<S>>,
-    graceful: &GracefulShutdown,
-) where
-    S: Store,
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let cert = Arc::new(cert);
-    let service = service_fn(move |req| {
-        let api = Arc::clone(&api);
-        let cert = Arc::clone(&cert);
-        async move { Ok::<_, Infallible>(api.handle(req, peer, &cert).await) }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(api::MAX_HEAD_BYTES * 4)
-        .serve_connection(TokioIo::new(io), service);
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(err) = conn.await {
-            tracing::debug!(%peer, %err, "connection ended with an error");
-        }
-    });
 }
 
 /// How often the status line is refreshed when there is no watchdog to keep pace with.

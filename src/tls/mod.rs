@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::message::validate_name;
@@ -75,29 +78,40 @@ pub struct ServerFiles {
 /// certificates take effect without dropping connections.
 pub struct ServerTls {
     files: ServerFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Arc<Generation>>,
+}
+
+/// One loaded TLS configuration. When a reload replaces it, [`Generation::replaced`] fires,
+/// so that open connections can check their client certificate against the new one.
+pub struct Generation {
+    config: Arc<ServerConfig>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    replaced: CancellationToken,
 }
 
 impl ServerTls {
     pub fn load(files: ServerFiles) -> Result<ServerTls> {
-        let config = server_config(&files)?;
+        let generation = Generation::load(&files)?;
         Ok(ServerTls {
             files,
-            current: RwLock::new(Arc::new(config)),
+            current: RwLock::new(Arc::new(generation)),
         })
     }
 
     /// Reads the files again; on error the configuration in use stays.
     pub fn reload(&self) -> Result<()> {
-        let config = server_config(&self.files)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        let next = Arc::new(Generation::load(&self.files)?);
+        let previous = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
+            next,
+        );
+        previous.replaced.cancel();
         Ok(())
     }
 
-    /// An acceptor for the next connection, with the configuration in use now.
-    pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self.current.read().unwrap_or_else(|p| p.into_inner());
-        TlsAcceptor::from(Arc::clone(&config))
+    /// The configuration in use now.
+    pub fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// True when callers are identified by client certificates.
@@ -106,25 +120,67 @@ impl ServerTls {
     }
 }
 
-fn server_config(files: &ServerFiles) -> Result<ServerConfig> {
+impl Generation {
+    fn load(files: &ServerFiles) -> Result<Generation> {
+        let verifier = files
+            .client_ca
+            .as_deref()
+            .map(client_verifier)
+            .transpose()?;
+        Ok(Generation {
+            config: Arc::new(server_config(files, verifier.clone())?),
+            verifier,
+            replaced: CancellationToken::new(),
+        })
+    }
+
+    /// An acceptor for a new connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.config))
+    }
+
+    /// Cancelled once a reload has put another configuration in use.
+    pub fn replaced(&self) -> CancellationToken {
+        self.replaced.clone()
+    }
+
+    /// Whether this configuration accepts a client certificate chain now: after the client
+    /// CA was changed, or when a certificate may have expired on a long-lived connection.
+    pub fn trusts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let (Some(verifier), Some((end_entity, intermediates))) =
+            (&self.verifier, chain.split_first())
+        else {
+            return true;
+        };
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// Verifies client certificates against the CAs in `ca`. A connection without a
+/// certificate is let through the handshake, so that /healthz stays open to load balancers
+/// and a /v1 call gets a clear 401 instead of a bare TLS alert. A certificate that is
+/// presented must chain to the CA.
+fn client_verifier(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))
+}
+
+fn server_config(
+    files: &ServerFiles,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<ServerConfig> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
-    let builder = match &files.client_ca {
+    let builder = match verifier {
         None => builder.with_no_client_auth(),
-        Some(ca) => {
-            // A connection without a certificate is let through the handshake, so that
-            // /healthz stays open to load balancers and a /v1 call gets a clear 401 instead
-            // of a bare TLS alert. A certificate that is presented must chain to the CA.
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
     };
     let mut config = builder.with_single_cert(certs, key).map_err(|e| {
         Error::Config(format!(
@@ -146,24 +202,17 @@ pub struct ClientFiles {
     pub client_key: Option<PathBuf>,
 }
 
-/// The agent's TLS configuration: the system's trusted CAs plus `ca_file`, and a client
-/// certificate when one is configured.
+/// The agent's TLS configuration: the CAs of `ca_file` when it is set, else the system's,
+/// and a client certificate when one is configured.
+///
+/// `ca_file` replaces the system's CAs rather than adding to them (as curl's `--cacert`
+/// does): a fleet with a private CA must not also trust every public CA, any of which could
+/// then issue a certificate for the hub's name and read the tokens and messages.
 pub fn client_config(files: &ClientFiles) -> Result<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    let system = rustls_native_certs::load_native_certs();
-    for cert in system.certs {
-        // A system store may hold certificates rustls cannot use; skipping them is what
-        // every TLS client does.
-        let _ = roots.add(cert);
-    }
-    if let Some(ca) = &files.ca_file {
-        roots.extend(load_roots(ca)?.roots);
-    }
-    if roots.is_empty() {
-        return Err(Error::Config(
-            "https: no trusted CA: the system has none installed and ca_file is not set".into(),
-        ));
-    }
+    let roots = match &files.ca_file {
+        Some(ca) => load_roots(ca)?,
+        None => system_roots()?,
+    };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| Error::Config(format!("TLS: {e}")))?
@@ -179,6 +228,38 @@ pub fn client_config(files: &ClientFiles) -> Result<ClientConfig> {
     }
 }
 
+/// Refuses a client certificate that names another host than `host_id`: the hub would
+/// take this agent for that host, sending as it while refusing its pulls.
+pub fn check_client_identity(cert: &Path, host_id: &str) -> Result<()> {
+    let certs = load_certs(cert)?;
+    let named = host_of_certificate(&certs[0])
+        .map_err(|why| Error::Config(format!("{}: {why}", cert.display())))?;
+    if named != host_id {
+        return Err(Error::Config(format!(
+            "{} is host {named}'s certificate, but this host is {host_id} (host_id); \
+             the hub would take this agent for {named}",
+            cert.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The system's trusted CAs.
+fn system_roots() -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system store may hold certificates rustls cannot use; skipping them is what
+        // every TLS client does.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(
+            "https: the system has no trusted CA installed; set ca_file".into(),
+        ));
+    }
+    Ok(roots)
+}
+
 /// A client configuration that trusts nothing: for plain-HTTP hubs, whose connector never
 /// uses it.
 pub fn unused_client_config() -> ClientConfig {
@@ -189,24 +270,26 @@ pub fn unused_client_config() -> ClientConfig {
         .with_no_client_auth()
 }
 
-/// The host id a client certificate names: its first DNS subject alternative name, else its
-/// subject's common name. `Err` says why there is none.
+/// The host id a client certificate names: its first DNS subject alternative name, else,
+/// when it has no subject alternative names at all, its subject's common name. `Err` says
+/// why there is none.
 pub fn host_of_certificate(der: &CertificateDer<'_>) -> std::result::Result<String, String> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der.as_ref())
         .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let san_dns = cert
+    let sans = cert
         .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|name| match name {
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+    let name = match sans {
+        Some(sans) => sans
+            .value
+            .general_names
+            .iter()
+            .find_map(|name| match name {
                 GeneralName::DNSName(dns) => Some(dns.to_string()),
                 _ => None,
             })
-        });
-    let name = match san_dns {
-        Some(name) => name,
+            .ok_or("the client certificate names no host (no DNS name)")?,
         None => cert
             .subject()
             .iter_common_name()
@@ -216,8 +299,16 @@ pub fn host_of_certificate(der: &CertificateDer<'_>) -> std::result::Result<Stri
             .ok_or("the client certificate names no host (no DNS name, no common name)")?,
     };
     validate_name("host", &name)
-        .map_err(|e| format!("the client certificate's name is not a host id: {e}"))?;
+        .map_err(|_| "the client certificate's name is not a valid host id".to_string())?;
     Ok(name)
+}
+
+/// When a certificate stops being valid.
+pub fn expiry(der: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
 }
 
 #[cfg(test)]
@@ -248,6 +339,10 @@ mod tests {
             host_of_certificate(&cert_with(&["10.0.0.1", "db-1"], None)),
             Ok("db-1".into()),
             "IP addresses are not host ids"
+        );
+        assert!(
+            host_of_certificate(&cert_with(&["10.0.0.1"], Some("cn-host"))).is_err(),
+            "with subject alternative names, the common name does not count"
         );
         assert_eq!(
             host_of_certificate(&cert_with(&[], Some("cn-host"))),
