@@ -244,6 +244,74 @@ fn sighup_picks_up_a_changed_poll_interval_and_refuses_a_broken_config() {
 }
 
 #[test]
+fn sighup_makes_the_hub_read_its_config_file_again_keeping_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, "[hub]\nmax_message_bytes = 1000\n").expect("config");
+    let hub = Hub::start_with(&["--config", &config.to_string_lossy()], &[]);
+    let big = message(
+        "hup.big",
+        "src",
+        None,
+        "normal",
+        serde_json::json!({"pad": "x".repeat(3000)}),
+    );
+    hub.post("/v1/messages", &big)
+        .assert_error(413, "over max_message_bytes 1000");
+
+    // A long-poll held open across the reload must still be answered.
+    let addr = hub.addr().to_string();
+    let poll = std::thread::spawn(move || {
+        http_request(
+            &addr,
+            "GET",
+            "/v1/messages?host=waiting&wait=5",
+            None,
+            Duration::from_secs(30),
+        )
+    });
+    wait_until(TIMEOUT, "the long-poll is open", || {
+        hub.get("/metrics")
+            .text()
+            .contains("mesync_long_polls_open 1")
+    });
+
+    std::fs::write(&config, "[hub]\nmax_message_bytes = 100000\n").expect("config");
+    let mark = hub.logs.len();
+    hangup(hub.pid().expect("running"));
+    wait_until(TIMEOUT, "the hub reloads its config file", || {
+        hub.logs.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("configuration reloaded"))
+    });
+    let r = hub.post("/v1/messages", &big);
+    assert_eq!(r.status, 200, "the new limit is in force: {}", r.text());
+    let answered = poll
+        .join()
+        .expect("poll thread")
+        .expect("the long-poll is answered");
+    assert_eq!(answered.status, 200, "the reload dropped no connection");
+
+    std::fs::write(&config, "[hub]\nmax_message_bytez = 10\n").expect("config");
+    let mark = hub.logs.len();
+    hangup(hub.pid().expect("running"));
+    wait_until(TIMEOUT, "the broken config is refused", || {
+        hub.logs.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("keeping the one in force") && l.contains("max_message_bytez"))
+    });
+    let again = message(
+        "hup.big",
+        "src",
+        None,
+        "normal",
+        serde_json::json!({"pad": "y".repeat(3000)}),
+    );
+    let r = hub.post("/v1/messages", &again);
+    assert_eq!(r.status, 200, "the limit in force is kept: {}", r.text());
+}
+
+#[test]
 fn sigterm_during_a_burst_leaves_no_partial_files_and_exits_0() {
     let mut hub = Hub::start();
     let mut tx = Agent::new(&hub.url(), "burst-tx");

@@ -250,8 +250,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 let token = CancellationToken::new();
                 shutdown::on_signals(token.clone())?;
                 let (reloads, received) = tokio::sync::mpsc::channel(1);
-                shutdown::on_hangup(move || {
-                    let _ = reloads.try_send(());
+                shutdown::on_hangup(move || match Config::load(&overrides) {
+                    Ok(config) => {
+                        let _ = reloads.try_send(config.hub);
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "the configuration is broken; keeping the one in force")
+                    }
                 })?;
                 hub::run(&config.hub, listeners, token, Some(received)).await
             })

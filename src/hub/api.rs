@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +40,8 @@ pub struct Api<S> {
     pub tokens: Tokens,
     /// Long-polls open, by host.
     pub polls: Mutex<HashMap<String, usize>>,
-    pub max_message_bytes: usize,
+    /// `[hub] max_message_bytes`; a reload (SIGHUP) may change it.
+    pub max_message_bytes: AtomicUsize,
     pub shutdown: CancellationToken,
     /// TLS handshakes that failed or timed out (on /metrics).
     pub tls_failures: AtomicU64,
@@ -68,9 +69,13 @@ impl Refusal {
 type Handled = Result<Answer, Refusal>;
 
 impl<S: Store> Api<S> {
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes.load(Ordering::Relaxed)
+    }
+
     /// The largest body a send may have: a batch of several maximal messages.
     fn max_send_body(&self) -> usize {
-        self.max_message_bytes
+        self.max_message_bytes()
             .saturating_mul(8)
             .max(8 * 1024 * 1024)
     }
@@ -307,13 +312,11 @@ impl<S: Store> Api<S> {
         let size = serde_json::to_vec(&item)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
-        if size > self.max_message_bytes {
+        let limit = self.max_message_bytes();
+        if size > limit {
             return Err(Refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "message is {size} bytes; the limit is {}",
-                    self.max_message_bytes
-                ),
+                format!("message is {size} bytes; the limit is {limit}"),
             ));
         }
         let source = item

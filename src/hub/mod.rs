@@ -11,6 +11,7 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -67,15 +68,19 @@ pub fn raise_fd_limit() {
 /// Runs the hub on `listeners` until `shutdown` is cancelled, then drains requests in
 /// flight and returns.
 ///
-/// A message on `reloads` (the CLI sends one on SIGHUP) reads the tokens again; the other
-/// hub settings take effect at the next restart.
+/// A configuration on `reloads` (the CLI reads the config file again on SIGHUP) is put in
+/// force by [`apply_reload`].
 pub async fn run(
     config: &HubConfig,
     listeners: Vec<std::net::TcpListener>,
     shutdown: CancellationToken,
-    mut reloads: Option<tokio::sync::mpsc::Receiver<()>>,
+    mut reloads: Option<tokio::sync::mpsc::Receiver<HubConfig>>,
 ) -> Result<()> {
-    let tls = server_tls(config)?.map(Arc::new);
+    let tls = server_files(config)?
+        .map(ServerTls::load)
+        .transpose()?
+        .map(Arc::new);
+    let mut config = config.clone();
     raise_fd_limit();
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
@@ -99,7 +104,9 @@ pub async fn run(
         tokens,
         polls: Default::default(),
         tls_failures: Default::default(),
-        max_message_bytes: usize::try_from(config.max_message_bytes).unwrap_or(usize::MAX),
+        max_message_bytes: usize::try_from(config.max_message_bytes)
+            .unwrap_or(usize::MAX)
+            .into(),
         shutdown: shutdown.clone(),
     });
 
@@ -127,21 +134,9 @@ pub async fn run(
     loop {
         tokio::select! {
             reload = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => match reload {
-                Some(()) => {
+                Some(new) => {
                     service::reloading();
-                    api.tokens.refresh();
-                    if let Some(tls) = &tls {
-                        // Reading and parsing files: off the threads that serve requests.
-                        let reloading = Arc::clone(tls);
-                        let reloaded = tokio::task::spawn_blocking(move || reloading.reload())
-                            .await
-                            .unwrap_or_else(|e| Err(Error::Config(format!("TLS reload failed: {e}"))));
-                        match reloaded {
-                            Ok(()) => tracing::info!("TLS certificate and key reloaded"),
-                            Err(err) => tracing::error!(%err, "TLS files not reloaded; keeping the ones in use"),
-                        }
-                    }
-                    tracing::info!("tokens reloaded; other settings take effect at the next restart");
+                    apply_reload(&api, tls.as_ref(), &mut config, new).await;
                     service::ready(&status_line(&api.store));
                 }
                 None => reloads = None,
@@ -168,15 +163,14 @@ pub async fn run(
     Ok(())
 }
 
-/// The TLS configuration `[hub] tls_cert`, `tls_key` and `client_ca` ask for, if any.
-fn server_tls(config: &HubConfig) -> Result<Option<ServerTls>> {
+/// The TLS files `[hub] tls_cert`, `tls_key` and `client_ca` name, if any.
+fn server_files(config: &HubConfig) -> Result<Option<ServerFiles>> {
     match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => ServerTls::load(ServerFiles {
+        (Some(cert), Some(key)) => Ok(Some(ServerFiles {
             cert: cert.clone(),
             key: key.clone(),
             client_ca: config.client_ca.clone(),
-        })
-        .map(Some),
+        })),
         (None, None) if config.client_ca.is_some() => Err(Error::Config(
             "[hub] client_ca needs tls_cert and tls_key: client certificates exist only over TLS"
                 .into(),
@@ -186,6 +180,61 @@ fn server_tls(config: &HubConfig) -> Result<Option<ServerTls>> {
             "[hub] tls_cert and tls_key must be set together".into(),
         )),
     }
+}
+
+/// Puts a reloaded configuration in force, without dropping connections: the tokens and
+/// the TLS files are read again (even under the same paths, so renewed certificates are
+/// picked up), `max_message_bytes` and `max_pending_per_host` apply to the next request.
+/// What cannot change while running (`listen`, `data_dir`, turning TLS or client
+/// certificates on or off) is logged and waits for a restart.
+async fn apply_reload<S: Store>(
+    api: &Api<S>,
+    tls: Option<&Arc<ServerTls>>,
+    config: &mut HubConfig,
+    new: HubConfig,
+) {
+    api.tokens.refresh();
+    if new.listen != config.listen || new.data_dir != config.data_dir {
+        tracing::warn!("[hub] listen and data_dir changes take effect at the next restart");
+    }
+    let limit = usize::try_from(new.max_message_bytes).unwrap_or(usize::MAX);
+    api.max_message_bytes.store(limit, Ordering::Relaxed);
+    api.store
+        .set_max_pending_per_host(usize::try_from(new.max_pending_per_host).unwrap_or(usize::MAX));
+    let files = match (tls, server_files(&new)) {
+        (Some(tls), Ok(Some(files))) => Some((Arc::clone(tls), files)),
+        (None, Ok(None)) => None,
+        (_, Err(err)) => {
+            tracing::error!(%err, "TLS settings not reloaded; keeping the ones in use");
+            None
+        }
+        _ => {
+            tracing::warn!("turning TLS on or off takes effect at the next restart");
+            None
+        }
+    };
+    if let Some((tls, files)) = files {
+        // Reading and parsing files: off the threads that serve requests.
+        let reloaded = tokio::task::spawn_blocking(move || tls.reload(files))
+            .await
+            .unwrap_or_else(|e| Err(Error::Config(format!("TLS reload failed: {e}"))));
+        match reloaded {
+            Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+            Err(err) => {
+                tracing::error!(%err, "TLS files not reloaded; keeping the ones in use")
+            }
+        }
+    }
+    tracing::info!(
+        max_message_bytes = new.max_message_bytes,
+        max_pending_per_host = new.max_pending_per_host,
+        "configuration reloaded"
+    );
+    *config = HubConfig {
+        listen: config.listen.clone(),
+        data_dir: config.data_dir.clone(),
+        ..new
+    };
 }
 
 /// How often the status line is refreshed when there is no watchdog to keep pace with.

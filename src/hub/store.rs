@@ -110,6 +110,8 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Prometheus text exposition of the store's counters.
     fn metrics(&self) -> String;
+    /// A reload changed `[hub] max_pending_per_host`.
+    fn set_max_pending_per_host(&self, max: usize);
 }
 
 /// The file store. Cheap to clone.
@@ -121,7 +123,8 @@ pub struct FileStore {
 
 struct Shared {
     dir: PathBuf,
-    max_pending_per_host: usize,
+    /// Changed by a reload (SIGHUP).
+    max_pending_per_host: AtomicUsize,
     state: Mutex<State>,
     counters: Counters,
     /// Set while the last commit failed for want of space; cleared by the next success.
@@ -264,7 +267,7 @@ impl FileStore {
             .collect();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
-            max_pending_per_host,
+            max_pending_per_host: AtomicUsize::new(max_pending_per_host),
             state: Mutex::new(state),
             counters: Counters::default(),
             storage_full: AtomicBool::new(false),
@@ -603,6 +606,12 @@ impl Store for FileStore {
         }
     }
 
+    fn set_max_pending_per_host(&self, max: usize) {
+        self.shared
+            .max_pending_per_host
+            .store(max, Ordering::Relaxed);
+    }
+
     fn metrics(&self) -> String {
         let c = &self.shared.counters;
         let mut out = String::new();
@@ -830,7 +839,8 @@ fn plan(shared: &Shared, messages: Vec<Message>, outcomes: &mut [Enqueued]) -> V
             .collect();
         let full = recipients.iter().find(|r| {
             let pending = state.hosts.get(*r).map_or(0, |h| h.queue.len());
-            pending + added.get(*r).copied().unwrap_or(0) >= shared.max_pending_per_host
+            pending + added.get(*r).copied().unwrap_or(0)
+                >= shared.max_pending_per_host.load(Ordering::Relaxed)
         });
         if let Some(full) = full {
             shared

@@ -77,7 +77,7 @@ pub struct ServerFiles {
 /// The hub's TLS configuration, replaced whole on reload (SIGHUP) so that renewed
 /// certificates take effect without dropping connections.
 pub struct ServerTls {
-    files: ServerFiles,
+    files: RwLock<ServerFiles>,
     current: RwLock<Arc<Generation>>,
 }
 
@@ -93,14 +93,23 @@ impl ServerTls {
     pub fn load(files: ServerFiles) -> Result<ServerTls> {
         let generation = Generation::load(&files)?;
         Ok(ServerTls {
-            files,
+            files: RwLock::new(files),
             current: RwLock::new(Arc::new(generation)),
         })
     }
 
-    /// Reads the files again; on error the configuration in use stays.
-    pub fn reload(&self) -> Result<()> {
-        let next = Arc::new(Generation::load(&self.files)?);
+    /// Reads `files` (the same paths, or new ones from a reloaded config file); on error
+    /// the configuration in use stays. Whether client certificates are asked for cannot
+    /// change here: connections identified without them would keep that identity.
+    pub fn reload(&self, files: ServerFiles) -> Result<()> {
+        if files.client_ca.is_some() != self.asks_client_certs() {
+            return Err(Error::Config(
+                "[hub] client_ca was added or removed: that takes effect at the next restart"
+                    .into(),
+            ));
+        }
+        let next = Arc::new(Generation::load(&files)?);
+        *self.files.write().unwrap_or_else(|p| p.into_inner()) = files;
         let previous = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
             next,
@@ -116,7 +125,11 @@ impl ServerTls {
 
     /// True when callers are identified by client certificates.
     pub fn asks_client_certs(&self) -> bool {
-        self.files.client_ca.is_some()
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .client_ca
+            .is_some()
     }
 }
 
