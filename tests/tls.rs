@@ -191,6 +191,11 @@ fn mtls_refuses_callers_without_a_certificate_or_with_another_cas() {
     let r = get(&hub, &ca.anonymous(), "/v1/messages?host=web-1&wait=0").expect("answer");
     r.assert_error(401, "a pull without a client certificate");
     assert!(r.text().contains("client certificate"), "{}", r.text());
+    assert_eq!(
+        r.header("www-authenticate"),
+        None,
+        "no Bearer challenge when a certificate is missing"
+    );
     let msg = message("tls.test", "web-1", None, "normal", json!({}));
     post(&hub, &ca.anonymous(), "/v1/messages", &msg)
         .assert_error(401, "a send without a client certificate");

@@ -131,7 +131,7 @@ fn log_outcome(id: Uuid, kind: &str, attempt: u32, outcome: &Outcome, described:
             "hook did not succeed"
         ),
         Outcome::TempFail => tracing::warn!(
-            %id, r#type = %kind, attempt, exit_status = 75, outcome = %described,
+            %id, r#type = %kind, attempt, exit_status = crate::hooks::EX_TEMPFAIL, outcome = %described,
             "hook did not succeed"
         ),
         Outcome::Killed(signal) => tracing::warn!(

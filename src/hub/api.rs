@@ -98,7 +98,9 @@ impl<S: Store> Api<S> {
         result.unwrap_or_else(|Refusal(status, message)| {
             tracing::debug!(%method, %path, %status, %message, "request refused");
             let mut answer = error(status, &message);
-            if status == StatusCode::UNAUTHORIZED {
+            // The challenge names the scheme that was missing: a bearer token, not a
+            // client certificate (which no header can ask for).
+            if status == StatusCode::UNAUTHORIZED && message.contains("bearer token") {
                 answer.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     header::HeaderValue::from_static("Bearer"),
