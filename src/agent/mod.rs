@@ -92,13 +92,22 @@ impl Agent {
 /// connection settings cannot be used (an unreadable certificate), they are refused with
 /// an error and the ones in use stay. The identity (`host_id`, base dir) changes only with
 /// a restart.
-pub fn apply_reload(agent: &Agent, new: Config) {
+pub async fn apply_reload(agent: &Agent, new: Config) {
     service::reloading();
     let old = agent.config();
     if old.host_id != new.host_id || old.base_dir != new.base_dir {
         tracing::warn!("host_id and base dir changes take effect at the next restart");
     }
-    let merged = match HubClient::new(&new) {
+    // Reading certificate files: off the threads that run the loops.
+    let candidate = new.clone();
+    let client = tokio::task::spawn_blocking(move || HubClient::new(&candidate))
+        .await
+        .unwrap_or_else(|e| {
+            Err(Error::Config(format!(
+                "building the hub client failed: {e}"
+            )))
+        });
+    let merged = match client {
         Ok(client) => {
             *agent.client.write().unwrap_or_else(|p| p.into_inner()) = client;
             Config {
@@ -203,7 +212,7 @@ pub async fn run(
     loop {
         tokio::select! {
             new = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => match new {
-                Some(new) => apply_reload(&agent, new),
+                Some(new) => apply_reload(&agent, new).await,
                 None => reloads = None,
             },
             _ = shutdown.cancelled() => break,
