@@ -24,13 +24,7 @@ fn assert_received(msg: &Value, id: &str, ty: &str, source: &str, target: Value,
 #[test]
 fn broadcast_reaches_every_other_host_and_not_the_sender() {
     let hub = Hub::start();
-    let mut alpha = Agent::new(&hub.url(), "alpha");
-    let mut beta = Agent::new(&hub.url(), "beta");
-    let mut gamma = Agent::new(&hub.url(), "gamma");
-    alpha.start();
-    beta.start();
-    gamma.start();
-    hub.wait_registered(&["alpha", "beta", "gamma"]);
+    let [alpha, beta, gamma] = start_agents(&hub, ["alpha", "beta", "gamma"]);
 
     let payload = json!({"n": 1, "text": "to everyone"});
     let id = alpha.send("test.broadcast", &payload.to_string(), &[]);
@@ -61,13 +55,7 @@ fn broadcast_reaches_every_other_host_and_not_the_sender() {
 #[test]
 fn targeted_message_reaches_only_its_target() {
     let hub = Hub::start();
-    let mut alpha = Agent::new(&hub.url(), "alpha");
-    let mut beta = Agent::new(&hub.url(), "beta");
-    let mut gamma = Agent::new(&hub.url(), "gamma");
-    alpha.start();
-    beta.start();
-    gamma.start();
-    hub.wait_registered(&["alpha", "beta", "gamma"]);
+    let [alpha, beta, gamma] = start_agents(&hub, ["alpha", "beta", "gamma"]);
 
     let payload = json!({"for": "gamma"});
     let id = alpha.send(
@@ -331,11 +319,7 @@ fn receiver_ignores_a_redelivered_id_even_after_flush_inbox() {
 #[test]
 fn hand_dropped_file_is_completed_and_delivered() {
     let hub = Hub::start();
-    let mut alpha = Agent::new(&hub.url(), "alpha");
-    let mut beta = Agent::new(&hub.url(), "beta");
-    alpha.start();
-    beta.start();
-    hub.wait_registered(&["alpha", "beta"]);
+    let [alpha, beta] = start_agents(&hub, ["alpha", "beta"]);
 
     let before = chrono::Utc::now() - chrono::Duration::seconds(5);
     write_atomic(
@@ -488,11 +472,7 @@ fn agent_sends_its_outbox_by_priority_then_age() {
 fn sender_and_receiver_keep_working_across_an_agent_restart() {
     // A receiver that was down catches up without a duplicate.
     let hub = Hub::start();
-    let mut alpha = Agent::new(&hub.url(), "alpha");
-    let mut beta = Agent::new(&hub.url(), "beta");
-    alpha.start();
-    beta.start();
-    hub.wait_registered(&["alpha", "beta"]);
+    let [alpha, mut beta] = start_agents(&hub, ["alpha", "beta"]);
 
     let first = alpha.send("restart.test", "1", &["--target", "beta"]);
     wait_until(TIMEOUT, "beta receives the first message", || {

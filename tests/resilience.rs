@@ -28,11 +28,7 @@ fn failed_entries(agent: &Agent) -> Vec<(String, String, Option<String>)> {
 #[test]
 fn bad_outbox_files_go_to_failed_with_a_reason_and_retry_requeues_them() {
     let hub = Hub::start();
-    let mut alpha = Agent::new(&hub.url(), "alpha");
-    let mut beta = Agent::new(&hub.url(), "beta");
-    alpha.start();
-    beta.start();
-    hub.wait_registered(&["alpha", "beta"]);
+    let [alpha, beta] = start_agents(&hub, ["alpha", "beta"]);
 
     write_atomic(&alpha.dir("outbox"), "garbage.json", b"{this is not json");
     write_atomic(

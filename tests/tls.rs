@@ -263,11 +263,8 @@ fn a_certificate_for_one_host_cannot_act_as_another() {
     assert_eq!(got["source"], "web-1", "source comes from the certificate");
 
     // With tokens too, the token and the certificate must name the same host.
-    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
-    cmd.args(["token", "issue", "web-2", "--data-dir"])
-        .arg(hub.data_dir());
-    let token = run(cmd, None, TIMEOUT).ok("token issue").stdout;
-    let bearer = format!("Bearer {}", token.trim());
+    let token = hub.issue_token("web-2");
+    let bearer = format!("Bearer {token}");
     let pull_as_web1 = |authorization: Option<&str>| {
         let headers: Vec<(&str, &str)> = authorization
             .map(|a| vec![("Authorization", a)])
@@ -296,11 +293,8 @@ fn a_certificate_for_one_host_cannot_act_as_another() {
         200,
         "with tokens issued, a certificate alone still identifies its host"
     );
-    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
-    cmd.args(["token", "issue", "web-1", "--data-dir"])
-        .arg(hub.data_dir());
-    let own = run(cmd, None, TIMEOUT).ok("token issue").stdout;
-    let r = pull_as_web1(Some(&format!("Bearer {}", own.trim())));
+    let own = hub.issue_token("web-1");
+    let r = pull_as_web1(Some(&format!("Bearer {own}")));
     assert_eq!(
         r.status,
         200,
@@ -457,26 +451,20 @@ fn an_agent_trusting_another_ca_sends_nothing_and_keeps_its_message() {
 fn tls_with_tokens_and_no_client_certificates() {
     let ca = MiniCa::new(&[]);
     let (hub, _config) = tls_hub(&ca, false);
-    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
-    cmd.args(["token", "issue", "db-1", "--data-dir"])
-        .arg(hub.data_dir());
-    let token = run(cmd, None, TIMEOUT).ok("token issue").stdout;
-    let mut cmd = clean_command(hub.data_dir().parent().expect("parent"));
-    cmd.args(["token", "issue", "db-2", "--data-dir"])
-        .arg(hub.data_dir());
-    let token2 = run(cmd, None, TIMEOUT).ok("token issue").stdout;
+    let token = hub.issue_token("db-1");
+    let token2 = hub.issue_token("db-2");
 
     let mut db1 = tls_agent(
         &hub,
         "db-1",
         &ca.anonymous(),
-        &format!("token = {:?}\n", token.trim()),
+        &format!("token = {:?}\n", token),
     );
     let mut db2 = tls_agent(
         &hub,
         "db-2",
         &ca.anonymous(),
-        &format!("token = {:?}\n", token2.trim()),
+        &format!("token = {:?}\n", token2),
     );
     db1.start();
     db2.start();

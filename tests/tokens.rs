@@ -8,43 +8,20 @@ use std::fs;
 use serde_json::json;
 use support::*;
 
-/// Issues a token for `host` with the CLI, as an operator would on the hub's machine.
-fn issue(hub: &Hub, host: &str) -> String {
-    let out = token_cmd(hub, &["issue", host]);
-    assert!(out.success(), "token issue {host}: {}", out.stderr);
-    let token = out.stdout.trim().to_string();
-    assert!(
-        !token.is_empty() && !token.contains(char::is_whitespace),
-        "the token alone on stdout: {:?}",
-        out.stdout
-    );
-    token
-}
-
-fn token_cmd(hub: &Hub, args: &[&str]) -> Out {
-    let home = hub.data_dir().parent().expect("data dir has a parent");
-    let mut cmd = clean_command(home);
-    cmd.arg("token")
-        .args(args)
-        .arg("--data-dir")
-        .arg(hub.data_dir());
-    run(cmd, None, TIMEOUT)
-}
-
 #[test]
 fn tokens_identify_callers_and_confine_them_to_their_own_queue() {
     let hub = Hub::start();
     // Open mode before any token: anyone may pull anyone's queue.
     assert_eq!(hub.get("/v1/messages?host=alpha&wait=0").status, 200);
 
-    let alpha = issue(&hub, "alpha");
-    let beta = issue(&hub, "beta");
+    let alpha = hub.issue_token("alpha");
+    let beta = hub.issue_token("beta");
     let stored = fs::read_to_string(hub.data_dir().join("tokens.json")).expect("tokens.json");
     assert!(
         !stored.contains(&alpha) && !stored.contains(&beta),
         "only hashes are stored"
     );
-    let listed = token_cmd(&hub, &["list"]);
+    let listed = hub.token_cmd(&["list"]);
     assert!(listed.stdout.contains("alpha") && listed.stdout.contains("beta"));
 
     // 401 without a token, and with a wrong one; the running hub picked the file up.
@@ -83,11 +60,11 @@ fn tokens_identify_callers_and_confine_them_to_their_own_queue() {
     );
 
     // Revoking takes effect at once.
-    let out = token_cmd(&hub, &["revoke", "beta"]);
+    let out = hub.token_cmd(&["revoke", "beta"]);
     assert!(out.success(), "{}", out.stderr);
     hub.request_as(&beta, "GET", "/v1/messages?host=beta&wait=0", None)
         .assert_error(401, "a revoked token");
-    let out = token_cmd(&hub, &["revoke", "beta"]);
+    let out = hub.token_cmd(&["revoke", "beta"]);
     assert_eq!(
         out.code(),
         Some(1),
@@ -99,8 +76,8 @@ fn tokens_identify_callers_and_confine_them_to_their_own_queue() {
 #[test]
 fn agents_with_tokens_deliver_end_to_end_and_a_wrong_token_is_refused() {
     let hub = Hub::start();
-    let tx_token = issue(&hub, "tx");
-    let rx_token = issue(&hub, "rx");
+    let tx_token = hub.issue_token("tx");
+    let rx_token = hub.issue_token("rx");
     let mut tx = Agent::new(&hub.url(), "tx").with_env("MESYNC_TOKEN", &tx_token);
     let mut rx = Agent::new(&hub.url(), "rx").with_env("MESYNC_TOKEN", &rx_token);
     rx.start();
@@ -130,7 +107,7 @@ fn agents_with_tokens_deliver_end_to_end_and_a_wrong_token_is_refused() {
         2,
         "nothing from the agent with a wrong token"
     );
-    let good = issue(&hub, "bad");
+    let good = hub.issue_token("bad");
     fs::write(
         bad.base().join("config.toml"),
         format!("token = {good:?}\n"),

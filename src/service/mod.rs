@@ -11,3 +11,30 @@ pub use platform::{
     inherited_listeners, journal_layer, ready, reloading, status, stderr_is_journal, stopping,
     watchdog, watchdog_interval,
 };
+
+/// Variables of the environment that change what mesync does, besides every `MESYNC_*`:
+/// where it logs, whether it talks to a service manager, which sockets it takes.
+const SETTINGS_ENV: [&str; 10] = [
+    "RUST_LOG",
+    "STATE_DIRECTORY",
+    "JOURNAL_STREAM",
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "NO_COLOR",
+];
+
+/// Keeps `cmd` (a `mesync` to be started by tests, benchmarks or the demo's callers) from
+/// inheriting any setting from the caller's environment.
+pub fn clear_inherited_settings(cmd: &mut std::process::Command) {
+    for (key, _) in std::env::vars_os() {
+        if let Some(key) = key.to_str()
+            && (key.starts_with("MESYNC_") || SETTINGS_ENV.contains(&key))
+        {
+            cmd.env_remove(key);
+        }
+    }
+}

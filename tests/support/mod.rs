@@ -39,21 +39,6 @@ const POLL: Duration = Duration::from_millis(20);
 /// The directories an agent keeps under its base dir.
 pub const AGENT_DIRS: [&str; 6] = ["outbox", "inbox", "sent", "failed", "hooks", "state"];
 
-/// Environment variables that must not leak from the test runner into a child: besides
-/// every `MESYNC_*`, the ones that would change where the child logs or stores things.
-const SCRUBBED_ENV: [&str; 10] = [
-    "RUST_LOG",
-    "STATE_DIRECTORY",
-    "JOURNAL_STREAM",
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "NO_COLOR",
-];
-
 // ---------------------------------------------------------------------------------------
 // Waiting
 // ---------------------------------------------------------------------------------------
@@ -214,13 +199,7 @@ pub fn hangup(pid: u32) {
 /// A `mesync` command with nothing inherited that could change its behaviour.
 pub fn clean_command(home: &Path) -> Command {
     let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if let Some(key) = key.to_str()
-            && (key.starts_with("MESYNC_") || SCRUBBED_ENV.contains(&key))
-        {
-            cmd.env_remove(key);
-        }
-    }
+    mesync::service::clear_inherited_settings(&mut cmd);
     cmd.env("HOME", home).env("NO_COLOR", "1");
     // Lets a developer turn on debug logs for a failing test: MESYNC_TEST_RUST_LOG=debug.
     if let Ok(filter) = std::env::var("MESYNC_TEST_RUST_LOG") {
@@ -912,6 +891,31 @@ impl Hub {
         self.child.as_ref().map(Child::id)
     }
 
+    /// `mesync token ARGS --data-dir <this hub's>`, as an operator runs it on the hub's
+    /// machine.
+    pub fn token_cmd(&self, args: &[&str]) -> Out {
+        let home = self.data_dir.parent().expect("data dir has a parent");
+        let mut cmd = clean_command(home);
+        cmd.arg("token")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir);
+        run(cmd, None, TIMEOUT)
+    }
+
+    /// Issues a token for `host` with the CLI and returns it.
+    pub fn issue_token(&self, host: &str) -> String {
+        let out = self.token_cmd(&["issue", host]);
+        assert!(out.success(), "token issue {host}: {}", out.stderr);
+        let token = out.stdout.trim().to_string();
+        assert!(
+            !token.is_empty() && !token.contains(char::is_whitespace),
+            "the token alone on stdout: {:?}",
+            out.stdout
+        );
+        token
+    }
+
     /// `host:port` it listens on.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -1089,6 +1093,17 @@ impl Drop for Hub {
 // ---------------------------------------------------------------------------------------
 // Agent
 // ---------------------------------------------------------------------------------------
+
+/// Agents named `names`, started against `hub` and registered there.
+pub fn start_agents<const N: usize>(hub: &Hub, names: [&str; N]) -> [Agent; N] {
+    let agents = names.map(|name| {
+        let mut agent = Agent::new(&hub.url(), name);
+        agent.start();
+        agent
+    });
+    hub.wait_registered(&names);
+    agents
+}
 
 /// One agent's base dir (a temporary directory) and, once started, its `mesync start`.
 pub struct Agent {

@@ -1,7 +1,6 @@
 //! Starting the real `mesync` binary as a hub or an agent, for benchmarks.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -41,14 +40,10 @@ impl Drop for Proc {
     }
 }
 
-/// A `mesync` command with no MESYNC_* variables inherited from the caller.
+/// A `mesync` command with no setting inherited from the caller.
 fn command(binary: &Path) -> Command {
     let mut command = Command::new(binary);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("MESYNC_") || key == "RUST_LOG" {
-            command.env_remove(key);
-        }
-    }
+    mesync::service::clear_inherited_settings(&mut command);
     command.env("RUST_LOG", "warn,mesync=info");
     command
 }
@@ -98,23 +93,8 @@ pub fn start_agent(binary: &Path, base: &Path, host: &str, addr: &str) -> Result
     Ok(Proc(child))
 }
 
-/// A plain HTTP GET; the body.
-pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let mut stream = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-}
+/// A plain HTTP GET with short timeouts; the body of a 200.
+pub use crate::torture::http_get;
 
 /// Polls `check` until it holds or `timeout` passes.
 pub fn wait_until(

@@ -417,20 +417,6 @@ struct Cluster {
     events: Events,
 }
 
-/// Environment variables that must not leak from the caller into the processes.
-const SCRUBBED_ENV: [&str; 10] = [
-    "RUST_LOG",
-    "STATE_DIRECTORY",
-    "JOURNAL_STREAM",
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "NO_COLOR",
-];
-
 fn free_port() -> Result<u16, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     listener
@@ -518,13 +504,7 @@ impl Cluster {
             .open(&node.log)
             .map_err(|e| format!("{}: {e}", node.log.display()))?;
         let mut cmd = Command::new(&self.binary);
-        for (key, _) in std::env::vars_os() {
-            if let Some(key) = key.to_str()
-                && (key.starts_with("MESYNC_") || SCRUBBED_ENV.contains(&key))
-            {
-                cmd.env_remove(key);
-            }
-        }
+        mesync::service::clear_inherited_settings(&mut cmd);
         cmd.env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -780,7 +760,7 @@ fn log_tail(path: &Path, n: usize) -> Vec<String> {
 }
 
 /// A plain HTTP GET with short timeouts (the hub may be down or frozen); the body of a 200.
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
     let sock = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(1))
         .map_err(|e| format!("{addr}: {e}"))?;
