@@ -305,6 +305,15 @@ fn a_certificate_for_one_host_cannot_act_as_another() {
 
 /// A client certificate for `name`, signed by `ca` without the CLI's checks of the name.
 fn sign_client_cert(ca: &MiniCa, name: &str) -> ClientFiles {
+    sign_client_cert_until(ca, name, None)
+}
+
+/// [`sign_client_cert`], valid until `expires` when given.
+fn sign_client_cert_until(
+    ca: &MiniCa,
+    name: &str,
+    expires: Option<time::OffsetDateTime>,
+) -> ClientFiles {
     let ca_pem = fs::read_to_string(ca.ca_cert()).expect("ca.crt");
     let ca_key =
         rcgen::KeyPair::from_pem(&fs::read_to_string(ca.dir.join("ca.key")).expect("ca.key"))
@@ -312,6 +321,10 @@ fn sign_client_cert(ca: &MiniCa, name: &str) -> ClientFiles {
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    if let Some(expires) = expires {
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+        params.not_after = expires;
+    }
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, &issuer).expect("sign");
     let cert_path = ca.dir.join("odd.crt");
@@ -323,6 +336,31 @@ fn sign_client_cert(ca: &MiniCa, name: &str) -> ClientFiles {
         client_cert: Some(cert_path),
         client_key: Some(key_path),
     }
+}
+
+#[test]
+fn a_connection_closes_when_its_client_certificate_expires() {
+    let ca = MiniCa::new(&[]);
+    let (hub, _config) = tls_hub(&ca, true);
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let files = sign_client_cert_until(&ca, "web-1", Some(expires));
+    let mut agent = tls_agent(&hub, "web-1", &files, "");
+    agent.start();
+    hub.wait_registered(&["web-1"]);
+    wait_until(TIMEOUT, "the hub closes the connection at expiry", || {
+        hub.logs
+            .contains("client certificate expired; connection closed")
+    });
+    // Refused in the handshake, or (within the certificate's last second, which the
+    // handshake still accepts) closed or reset before any answer; never served.
+    let err = get(&hub, &files, "/v1/messages?host=web-1&wait=0")
+        .expect_err("an expired certificate gets no answer");
+    assert!(!err.contains("refused"), "the hub is up: {err:?}");
+    assert_eq!(
+        get(&hub, &ca.anonymous(), "/healthz").map(|r| r.status),
+        Ok(200),
+        "the hub serves others"
+    );
 }
 
 #[test]
@@ -544,7 +582,7 @@ fn the_hub_speaks_tls_1_2_and_1_3_and_nothing_older() {
 #[test]
 fn sighup_loads_a_renewed_certificate_and_keeps_the_old_one_if_the_new_is_broken() {
     let ca = MiniCa::new(&[]);
-    let (mut hub, _config) = tls_hub(&ca, false);
+    let (mut hub, config_dir) = tls_hub(&ca, false);
     let files = ca.anonymous();
     let renewed = "renewed.test";
     assert!(
@@ -577,6 +615,33 @@ fn sighup_loads_a_renewed_certificate_and_keeps_the_old_one_if_the_new_is_broken
         .expect("still served with the renewed certificate");
     assert_eq!(r.status, 200);
     assert!(hub.is_running());
+
+    // Asking for client certificates cannot start on a reload: connections identified
+    // without them would keep that identity.
+    let config = config_dir.path().join("hub.toml");
+    let text = fs::read_to_string(&config).expect("hub config");
+    fs::write(
+        &config,
+        text.replace(
+            "[hub]\n",
+            &format!("[hub]\nclient_ca = {:?}\n", ca.ca_cert()),
+        ),
+    )
+    .expect("add client_ca");
+    let mark = hub.logs.len();
+    hangup(pid);
+    wait_until(
+        TIMEOUT,
+        "the hub refuses to turn client certificates on",
+        || {
+            hub.logs.lines()[mark..]
+                .iter()
+                .any(|l| l.contains("client_ca was added or removed"))
+        },
+    );
+    let r = https_request(hub.addr(), renewed, &files, "GET", "/v1/hosts", &[], None)
+        .expect("still served without a client certificate");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[test]
