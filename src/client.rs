@@ -85,11 +85,9 @@ impl HubClient {
             ca_file: config.ca_file.clone(),
             client_cert: config.client_cert.clone(),
             client_key: config.client_key.clone(),
+            host_id: Some(config.host_id.clone()),
         };
         let tls = if https {
-            if let Some(cert) = &files.client_cert {
-                tls::check_client_identity(cert, &config.host_id)?;
-            }
             tls::client_config(&files)?
         } else {
             if files.ca_file.is_some() || files.client_cert.is_some() || files.client_key.is_some()

@@ -29,6 +29,9 @@ impl Defaults {
     const LISTEN: &'static str = "0.0.0.0:8080";
     const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
     const MAX_PENDING_PER_HOST: u64 = 100_000;
+    /// Room for a few thousand agents, each with a long-poll and a connection for sending,
+    /// in about 300 MiB.
+    const MAX_CONNECTIONS: u64 = 16_384;
 }
 
 /// Values given on the command line; they win over everything else.
@@ -70,6 +73,7 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub max_message_bytes: u64,
     pub max_pending_per_host: u64,
+    pub max_connections: u64,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
@@ -249,14 +253,21 @@ impl Config {
             max_pending_per_host: hub_file
                 .max_pending_per_host
                 .unwrap_or(Defaults::MAX_PENDING_PER_HOST),
+            max_connections: hub_file
+                .max_connections
+                .unwrap_or(Defaults::MAX_CONNECTIONS),
             tls_cert: hub_file.tls_cert.map(relative),
             tls_key: hub_file.tls_key.map(relative),
             client_ca: hub_file.client_ca.map(relative),
         };
-        if hub.max_message_bytes == 0 || hub.max_pending_per_host == 0 {
-            return Err(Error::Config(
-                "[hub] max_message_bytes and max_pending_per_host must be more than 0".into(),
-            ));
+        for (key, value) in [
+            ("max_message_bytes", hub.max_message_bytes),
+            ("max_pending_per_host", hub.max_pending_per_host),
+            ("max_connections", hub.max_connections),
+        ] {
+            if value == 0 {
+                return Err(Error::Config(format!("[hub] {key}: must be more than 0")));
+            }
         }
 
         Ok(Config {
@@ -304,6 +315,7 @@ struct HubFileConfig {
     data_dir: Option<PathBuf>,
     max_message_bytes: Option<u64>,
     max_pending_per_host: Option<u64>,
+    max_connections: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     client_ca: Option<PathBuf>,

@@ -119,3 +119,84 @@ fn error_answers_do_not_leak_paths_or_internals() {
         r.assert_error(r.status, path);
     }
 }
+
+/// The metrics text, or `None` when the hub turned the connection away.
+fn metrics(hub: &Hub) -> Option<String> {
+    http_request(hub.addr(), "GET", "/metrics", None, Duration::from_secs(10))
+        .ok()
+        .map(|r| r.text())
+}
+
+/// The value of a metric line `name N` in a metrics text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn connections_past_max_connections_are_closed_at_once_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, "[hub]\nmax_connections = 2\n").expect("config");
+    let hub = Hub::start_with(&["--config", &config.to_string_lossy()], &[]);
+
+    // One idle connection, and the metrics request itself, fill both slots.
+    let first = TcpStream::connect(hub.addr()).expect("connect");
+    wait_until(TIMEOUT, "the idle connection is counted", || {
+        metrics(&hub).and_then(|m| metric(&m, "mesync_connections_open")) == Some(2)
+    });
+    let second = TcpStream::connect(hub.addr()).expect("connect");
+
+    // With both slots held, a new connection is closed without an answer, and at once:
+    // not left waiting for the header timeout.
+    wait_until(TIMEOUT, "a third connection is closed at once", || {
+        let mut probe = TcpStream::connect(hub.addr()).expect("connect");
+        probe
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = probe.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        match probe.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            // Served: a slot was still free (the previous request's not yet given back).
+            Ok(_) => false,
+        }
+    });
+    assert!(
+        hub.logs.contains("connection limit reached"),
+        "the refusal is logged"
+    );
+
+    // Closing the idle connections gives their slots back.
+    drop(first);
+    drop(second);
+    wait_until(
+        TIMEOUT,
+        "the hub serves again, and counted the refusal",
+        || {
+            metrics(&hub)
+                .and_then(|m| metric(&m, "mesync_connections_refused_total"))
+                .is_some_and(|refused| refused >= 1)
+        },
+    );
+    assert_eq!(hub.get("/healthz").status, 200);
+}
+
+#[test]
+fn max_connections_of_zero_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("hub.toml");
+    std::fs::write(&config, "[hub]\nmax_connections = 0\n").expect("config");
+    let mut cmd = clean_command(dir.path());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    let out = run(cmd, None, TIMEOUT);
+    assert_eq!(out.code(), Some(1), "a config error: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("[hub] max_connections: must be more than 0"),
+        "the error names the key: {}",
+        out.stderr
+    );
+}

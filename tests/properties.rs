@@ -722,7 +722,7 @@ fn toml_value_for(key: &'static str) -> BoxedStrategy<String> {
             "[0-9.:\\[\\] ]{0,20}".prop_map(|s| toml_string(&s)),
         ]
         .boxed(),
-        "max_message_bytes" | "max_pending_per_host" => prop_oneof![
+        "max_message_bytes" | "max_pending_per_host" | "max_connections" => prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),
             prop::sample::select(vec!["0", "1", "18446744073709551615", "1e3", "\"1\""])
                 .prop_map(str::to_string),
@@ -748,11 +748,12 @@ const TOP_KEYS: [&str; 12] = [
     "client_key",
 ];
 
-const HUB_KEYS: [&str; 7] = [
+const HUB_KEYS: [&str; 8] = [
     "listen",
     "data_dir",
     "max_message_bytes",
     "max_pending_per_host",
+    "max_connections",
     "tls_cert",
     "tls_key",
     "client_ca",

@@ -54,6 +54,7 @@ impl MiniCa {
             ca_file: Some(self.ca_cert()),
             client_cert: Some(self.dir.join(format!("hosts/{host}.crt"))),
             client_key: Some(self.dir.join(format!("hosts/{host}.key"))),
+            host_id: None,
         }
     }
 
@@ -219,6 +220,7 @@ fn mtls_refuses_callers_without_a_certificate_or_with_another_cas() {
         ca_file: Some(ca.ca_cert()),
         client_cert: Some(ca.dir.join("hub.crt")),
         client_key: Some(ca.dir.join("hub.key")),
+        host_id: None,
     };
     let err =
         get(&hub, &hub_as_client, "/v1/hosts").expect_err("a server certificate as a client's");
@@ -335,6 +337,7 @@ fn sign_client_cert_until(
         ca_file: Some(ca.ca_cert()),
         client_cert: Some(cert_path),
         client_key: Some(key_path),
+        host_id: None,
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::auth::{Caller, ClientCert, Denied, Tokens};
+use super::conn::ConnectionCap;
 use super::store::{Enqueued, Store};
 use crate::message::{Message, validate_name};
 
@@ -45,6 +46,8 @@ pub struct Api<S> {
     pub shutdown: CancellationToken,
     /// TLS handshakes that failed or timed out (on /metrics).
     pub tls_failures: AtomicU64,
+    /// Connections open, and the cap on them.
+    pub connections: Arc<ConnectionCap>,
 }
 
 pub type Answer = Response<Full<Bytes>>;
@@ -208,7 +211,9 @@ impl<S: Store> Api<S> {
                 self.remove_host(&p["/v1/hosts/".len()..]).await
             }
             (Method::GET, "/healthz") => Ok(self.healthz().await),
-            (Method::GET, "/metrics") => Ok(text(self.store.metrics() + &self.poll_metrics())),
+            (Method::GET, "/metrics") => Ok(text(
+                self.store.metrics() + &self.poll_metrics() + &self.connections.metrics(),
+            )),
             (_, "/v1/messages" | "/v1/ack" | "/v1/hosts" | "/healthz" | "/metrics") => {
                 Err(Refusal(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -394,7 +399,6 @@ impl<S: Store> Api<S> {
         }
     }
 
-    /// The long-polls open now, for /metrics.
     /// Metrics of the HTTP layer: long-polls open, failed TLS handshakes.
     fn poll_metrics(&self) -> String {
         let open: usize = self

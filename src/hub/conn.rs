@@ -1,12 +1,13 @@
-//! Connections: accepting them, the TLS handshake, serving HTTP/1.1 on each, and closing
-//! them: gracefully when the hub shuts down, at once when a reload no longer trusts the
-//! client certificate they were opened with, or when that certificate expires.
+//! Connections: accepting them (up to `[hub] max_connections`), the TLS handshake, serving
+//! HTTP/1.1 on each, and closing them: gracefully when the hub shuts down, at once when a
+//! reload no longer trusts the client certificate they were opened with, or when that
+//! certificate expires.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -26,6 +27,11 @@ use crate::tls::{self, Generation, ServerTls};
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that has not finished the TLS handshake within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// File descriptors kept back from connections for the store, the logs and the TLS files,
+/// so that a flood of connections cannot make a commit fail.
+const RESERVED_FDS: u64 = 256;
+/// While connections are refused, at most one warning per this interval.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// What every connection task shares.
 pub struct Conns<S> {
@@ -45,6 +51,102 @@ struct TlsPeer {
     expires: Option<SystemTime>,
 }
 
+/// The cap on open connections. Past it a new connection is closed as soon as it is
+/// accepted, before its TLS handshake: a flood of connections then costs neither the file
+/// descriptors the store needs nor memory, and the agents it turns away retry with backoff
+/// as they do for any transport error. Accepting and closing, rather than leaving
+/// connections in the kernel's backlog, gives the turned-away client an answer at once.
+#[derive(Debug, Default)]
+pub struct ConnectionCap {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    refused: AtomicU64,
+    warned: Mutex<Option<Instant>>,
+}
+
+/// One admitted connection: its slot is given back when it is dropped.
+pub struct Slot(Arc<ConnectionCap>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnectionCap {
+    /// A cap of `configured` connections, lowered to what the open-file limit allows.
+    pub fn new(configured: u64) -> Arc<ConnectionCap> {
+        let cap = Arc::new(ConnectionCap::default());
+        cap.set_max(configured);
+        cap
+    }
+
+    /// Puts a new `[hub] max_connections` in force; connections open beyond it stay open,
+    /// and new ones wait for the count to fall below it.
+    pub fn set_max(&self, configured: u64) {
+        let fds = fd_budget();
+        if configured > fds {
+            tracing::warn!(
+                max_connections = configured,
+                allowed = fds,
+                "[hub] max_connections is above what the open-file limit allows; using the lower figure"
+            );
+        }
+        let max = usize::try_from(configured.min(fds)).unwrap_or(usize::MAX);
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// A slot for one more connection, or `None` at the cap (counted, and logged at most
+    /// once per [`REFUSAL_WARNING_EVERY`]).
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max.load(Ordering::Relaxed);
+        let admitted = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .is_ok();
+        if admitted {
+            return Some(Slot(Arc::clone(self)));
+        }
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                max_connections = max,
+                refused_so_far = refused,
+                "connection limit reached: new connections are closed until some end \
+                 (raise [hub] max_connections if the fleet needs more)"
+            );
+        }
+        None
+    }
+
+    /// The gauge and the counter for /metrics.
+    pub fn metrics(&self) -> String {
+        format!(
+            "# HELP mesync_connections_open Connections open at the hub.\n\
+             # TYPE mesync_connections_open gauge\nmesync_connections_open {}\n\
+             # HELP mesync_connections_refused_total Connections closed at once because \
+             max_connections were open.\n\
+             # TYPE mesync_connections_refused_total counter\n\
+             mesync_connections_refused_total {}\n",
+            self.open.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How many connections the open-file limit leaves room for.
+fn fd_budget() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => soft.saturating_sub(RESERVED_FDS).max(1),
+        Err(_) => u64::MAX,
+    }
+}
+
 /// Accepts connections on `listener` until shutdown.
 pub async fn accept_loop<S: Store>(listener: TcpListener, conns: Arc<Conns<S>>) {
     loop {
@@ -61,15 +163,24 @@ pub async fn accept_loop<S: Store>(listener: TcpListener, conns: Arc<Conns<S>>) 
                 continue;
             }
         };
+        let Some(slot) = conns.api.connections.admit() else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let task = Arc::clone(&conns);
         match &conns.tls {
-            None => conns
-                .tasks
-                .spawn(serve(stream, peer, ClientCert::NotAsked, None, task)),
-            Some(tls) => conns
-                .tasks
-                .spawn(handshake(stream, peer, Arc::clone(tls), task)),
+            None => conns.tasks.spawn(async move {
+                serve(stream, peer, ClientCert::NotAsked, None, task).await;
+                drop(slot);
+            }),
+            Some(tls) => {
+                let tls = Arc::clone(tls);
+                conns.tasks.spawn(async move {
+                    handshake(stream, peer, tls, task).await;
+                    drop(slot);
+                })
+            }
         };
     }
 }

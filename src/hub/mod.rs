@@ -104,6 +104,7 @@ pub async fn run(
         tokens,
         polls: Default::default(),
         tls_failures: Default::default(),
+        connections: conn::ConnectionCap::new(config.max_connections),
         max_message_bytes: usize::try_from(config.max_message_bytes)
             .unwrap_or(usize::MAX)
             .into(),
@@ -184,7 +185,8 @@ fn server_files(config: &HubConfig) -> Result<Option<ServerFiles>> {
 
 /// Puts a reloaded configuration in force, without dropping connections: the tokens and
 /// the TLS files are read again (even under the same paths, so renewed certificates are
-/// picked up), `max_message_bytes` and `max_pending_per_host` apply to the next request.
+/// picked up), `max_message_bytes` and `max_pending_per_host` apply to the next request,
+/// `max_connections` to the next connection.
 /// What cannot change while running (`listen`, `data_dir`, turning TLS or client
 /// certificates on or off) is logged and waits for a restart.
 async fn apply_reload<S: Store>(
@@ -201,6 +203,7 @@ async fn apply_reload<S: Store>(
     api.max_message_bytes.store(limit, Ordering::Relaxed);
     api.store
         .set_max_pending_per_host(usize::try_from(new.max_pending_per_host).unwrap_or(usize::MAX));
+    api.connections.set_max(new.max_connections);
     let files = match (tls, server_files(&new)) {
         (Some(tls), Ok(Some(files))) => Some((Arc::clone(tls), files)),
         (None, Ok(None)) => None,
@@ -228,6 +231,7 @@ async fn apply_reload<S: Store>(
     tracing::info!(
         max_message_bytes = new.max_message_bytes,
         max_pending_per_host = new.max_pending_per_host,
+        max_connections = new.max_connections,
         "configuration reloaded"
     );
     *config = HubConfig {

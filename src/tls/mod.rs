@@ -213,6 +213,8 @@ pub struct ClientFiles {
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// The host the client certificate must name (the agent's `host_id`), when set.
+    pub host_id: Option<String>,
 }
 
 /// The agent's TLS configuration: the CAs of `ca_file` when it is set, else the system's,
@@ -232,9 +234,17 @@ pub fn client_config(files: &ClientFiles) -> Result<ClientConfig> {
         .with_root_certificates(roots);
     match (&files.client_cert, &files.client_key) {
         (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(|e| Error::Config(format!("{} and {}: {e}", cert.display(), key.display()))),
+        (Some(cert), Some(key)) => {
+            let certs = load_certs(cert)?;
+            if let Some(host_id) = &files.host_id {
+                check_client_identity(cert, &certs[0], host_id)?;
+            }
+            builder
+                .with_client_auth_cert(certs, load_key(key)?)
+                .map_err(|e| {
+                    Error::Config(format!("{} and {}: {e}", cert.display(), key.display()))
+                })
+        }
         _ => Err(Error::Config(
             "client_cert and client_key must be set together".into(),
         )),
@@ -243,15 +253,14 @@ pub fn client_config(files: &ClientFiles) -> Result<ClientConfig> {
 
 /// Refuses a client certificate that names another host than `host_id`: the hub would
 /// take this agent for that host, sending as it while refusing its pulls.
-pub fn check_client_identity(cert: &Path, host_id: &str) -> Result<()> {
-    let certs = load_certs(cert)?;
-    let named = host_of_certificate(&certs[0])
-        .map_err(|why| Error::Config(format!("{}: {why}", cert.display())))?;
+fn check_client_identity(path: &Path, cert: &CertificateDer<'_>, host_id: &str) -> Result<()> {
+    let named = host_of_certificate(cert)
+        .map_err(|why| Error::Config(format!("{}: {why}", path.display())))?;
     if named != host_id {
         return Err(Error::Config(format!(
             "{} is host {named}'s certificate, but this host is {host_id} (host_id); \
              the hub would take this agent for {named}",
-            cert.display()
+            path.display()
         )));
     }
     Ok(())
