@@ -269,21 +269,60 @@ fn supplementary_groups(user: &User) -> Vec<Gid> {
     nix::unistd::getgrouplist(&name, user.gid).unwrap_or_else(|_| vec![user.gid])
 }
 
-#[cfg(not(target_os = "linux"))]
+/// Apple systems: nix wraps neither getgrouplist nor setgroups there, so libc is called
+/// directly. Without this a hook run as a user would keep root's groups (wheel, admin).
+#[cfg(target_vendor = "apple")]
+fn supplementary_groups(user: &User) -> Vec<Gid> {
+    let Ok(name) = std::ffi::CString::new(user.name.clone()) else {
+        return vec![user.gid];
+    };
+    let mut groups: Vec<libc::c_int> = vec![0; 256];
+    let mut count = libc::c_int::try_from(groups.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `groups` has room for `count` entries; getgrouplist writes at most that many
+    // and sets `count` to the number written (or needed, when it returns -1).
+    let found = unsafe {
+        libc::getgrouplist(
+            name.as_ptr(),
+            user.gid.as_raw() as libc::c_int,
+            groups.as_mut_ptr(),
+            &mut count,
+        )
+    };
+    if found < 0 {
+        // More than 256 groups: the ones that fit, rather than root's.
+        count = libc::c_int::try_from(groups.len()).unwrap_or(0);
+    }
+    let count = usize::try_from(count).unwrap_or(0).min(groups.len());
+    groups[..count]
+        .iter()
+        .map(|&g| Gid::from_raw(g as libc::gid_t))
+        .collect()
+}
+
+#[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
 fn supplementary_groups(user: &User) -> Vec<Gid> {
     vec![user.gid]
 }
 
-#[cfg(not(any(target_os = "macos", target_os = "ios")))]
+#[cfg(not(target_vendor = "apple"))]
 fn set_groups(groups: &[Gid]) -> nix::Result<()> {
     nix::unistd::setgroups(groups)
 }
 
-#[cfg(any(target_os = "macos", target_os = "ios"))]
+/// Runs between fork and exec: no allocation. macOS takes at most NGROUPS_MAX (16) groups
+/// here and refuses more, so the first 16 (the primary group first) are set.
+#[cfg(target_vendor = "apple")]
 fn set_groups(groups: &[Gid]) -> nix::Result<()> {
-    // setgroups is not wrapped by nix on Apple systems; the primary group is set next.
-    let _ = groups;
-    Ok(())
+    const NGROUPS_MAX: usize = 16;
+    let groups = &groups[..groups.len().min(NGROUPS_MAX)];
+    // SAFETY: `Gid` is a transparent wrapper of `gid_t`, and the slice outlives the call.
+    let set = unsafe {
+        libc::setgroups(
+            groups.len() as libc::c_int,
+            groups.as_ptr().cast::<libc::gid_t>(),
+        )
+    };
+    nix::errno::Errno::result(set).map(drop)
 }
 
 /// Checks that the hook exists and may be run, and decides who runs it. `Err(NoHook)` when

@@ -40,10 +40,11 @@ fn output_dir() -> tempfile::TempDir {
     dir
 }
 
-/// A hook that writes its uid, groups and user environment to `out/<id>`.
+/// A hook that writes its uid, gid, user environment and, after a `|`, all its groups to
+/// `out/<id>`.
 fn install_id_hook(agent: &Agent, ty: &str, out: &Path, owner: Option<u32>, mode: u32) -> PathBuf {
     let script = format!(
-        "#!/bin/sh\necho \"$(id -u) $(id -g) $USER $HOME\" > '{}'/\"$MESYNC_MESSAGE_ID\"\n",
+        "#!/bin/sh\necho \"$(id -u) $(id -g) $USER $HOME | $(id -G)\" > '{}'/\"$MESYNC_MESSAGE_ID\"\n",
         out.display()
     );
     let hook = agent.dir("hooks").join(ty);
@@ -66,25 +67,60 @@ fn seen(out: &Path, id: &str) -> String {
     fs::read_to_string(out.join(id)).unwrap_or_default()
 }
 
+/// The groups a hook recorded (after the `|`).
+fn groups_seen(out: &Path, id: &str) -> String {
+    seen(out, id)
+        .split_once('|')
+        .map(|(_, groups)| groups.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// What `id -G USER` says: the user's groups from the group database.
+fn groups_of(user: &str) -> String {
+    let out = std::process::Command::new("id")
+        .args(["-G", user])
+        .output()
+        .expect("id -G");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the agent has recorded a refused hook for message `id`.
+fn wait_refused(agent: &Agent, id: &str) {
+    wait_until(TIMEOUT, "the hook is refused and recorded", || {
+        agent
+            .cmd(&["list", "inbox", "--json"])
+            .json_lines()
+            .iter()
+            .any(|m| m["id"] == id && m["hook"].as_str().is_some_and(|h| h.starts_with("refused")))
+    });
+}
+
 #[test]
 fn a_root_agent_runs_hooks_as_their_owner_or_hook_user_and_refuses_loose_ones() {
     if !is_root() {
         return skip("the agent must run as root to switch users");
     }
+    if !on_path("setpriv") {
+        return skip("setpriv (util-linux) is not installed");
+    }
     let hub = Hub::start();
     let out = output_dir();
-    let mut rx = Agent::new(&hub.url(), "rx");
+    // The agent runs as root with a supplementary group (adm), which a hook run as another
+    // user must not keep.
+    let mut rx = Agent::new(&hub.url(), "rx").with_wrapper(&["setpriv", "--groups=4"]);
     let tx = Agent::new(&hub.url(), "tx");
     open_base(&rx);
     install_id_hook(&rx, "owned.by.nobody", out.path(), Some(NOBODY), 0o755);
     install_id_hook(&rx, "owned.by.root", out.path(), None, 0o755);
     install_id_hook(&rx, "world.writable", out.path(), None, 0o757);
+    install_id_hook(&rx, "group.writable", out.path(), Some(NOBODY), 0o775);
     rx.start();
     hub.wait_registered(&["rx"]);
 
     let by_owner = tx.send("owned.by.nobody", "{}", &["--target", "rx"]);
     let by_root = tx.send("owned.by.root", "{}", &["--target", "rx"]);
     let loose = tx.send("world.writable", "{}", &["--target", "rx"]);
+    let group_loose = tx.send("group.writable", "{}", &["--target", "rx"]);
     let mut txa = tx;
     txa.start();
     wait_until(TIMEOUT, "the hooks ran", || {
@@ -95,26 +131,27 @@ fn a_root_agent_runs_hooks_as_their_owner_or_hook_user_and_refuses_loose_ones() 
         owner.starts_with(&format!("{NOBODY} {NOBODY} nobody")),
         "a hook owned by nobody runs as nobody, with nobody's environment: {owner:?}"
     );
+    // Root's supplementary groups are not kept: the hook has exactly nobody's.
+    assert_eq!(
+        groups_seen(out.path(), &by_owner),
+        groups_of("nobody"),
+        "a hook run as nobody has nobody's groups: {owner:?}"
+    );
     assert!(
         seen(out.path(), &by_root).starts_with("0 0 root"),
         "a root-owned hook runs as root"
     );
 
-    wait_until(TIMEOUT, "the loose hook is refused and recorded", || {
-        rx.cmd(&["list", "inbox", "--json"])
-            .json_lines()
-            .iter()
-            .any(|m| {
-                m["id"] == loose.as_str()
-                    && m["hook"].as_str().is_some_and(|h| h.starts_with("refused"))
-            })
-    });
-    assert!(
-        seen(out.path(), &loose).is_empty(),
-        "the world-writable hook did not run"
-    );
-    assert!(rx.has(&loose), "its message stays delivered");
-    assert!(rx.logs.contains("writable by group or others"));
+    for refused in [&loose, &group_loose] {
+        wait_refused(&rx, refused);
+        assert!(
+            seen(out.path(), refused).is_empty(),
+            "a hook writable by group or others did not run"
+        );
+        assert!(rx.has(refused), "its message stays delivered");
+    }
+    assert!(rx.logs.contains("writable by group or others (mode 757)"));
+    assert!(rx.logs.contains("writable by group or others (mode 775)"));
 }
 
 #[test]
@@ -147,7 +184,7 @@ fn a_non_root_agent_runs_its_own_hooks_as_itself() {
     if !is_root() {
         return skip("needs root to start the agent as another user");
     }
-    if !Path::new("/usr/bin/setpriv").exists() && !Path::new("/bin/setpriv").exists() {
+    if !on_path("setpriv") {
         return skip("setpriv (util-linux) is not installed");
     }
     let hub = Hub::start();
@@ -167,11 +204,15 @@ fn a_non_root_agent_runs_its_own_hooks_as_itself() {
         .status()
         .expect("chown");
     assert!(status.success());
+    // A hook owned by another user who is not root (daemon, uid 1): the agent may not
+    // run what someone else controls.
+    install_id_hook(&rx, "foreign.hook", out.path(), Some(1), 0o755);
     open_base(&rx);
     rx.start();
     let mut tx = Agent::new(&hub.url(), "tx");
     tx.start();
     hub.wait_registered(&["rx"]);
+    let foreign = tx.send("foreign.hook", "{}", &["--target", "rx"]);
     let id = tx.send("own.hook", "{}", &["--target", "rx"]);
     wait_until(TIMEOUT, "the hook ran", || {
         !seen(out.path(), &id).is_empty()
@@ -180,6 +221,15 @@ fn a_non_root_agent_runs_its_own_hooks_as_itself() {
         seen(out.path(), &id).starts_with(&format!("{NOBODY} {NOBODY}")),
         "the unprivileged agent ran its hook as itself: {:?}",
         seen(out.path(), &id)
+    );
+    wait_refused(&rx, &foreign);
+    assert!(
+        seen(out.path(), &foreign).is_empty(),
+        "another user's hook did not run"
+    );
+    assert!(
+        rx.logs.contains("owned by uid 1, neither root"),
+        "the refusal is logged"
     );
     let inbox_file = rx.inbox_entry(&id).expect("delivered").0;
     let meta = fs::metadata(rx.dir("inbox").join(inbox_file)).expect("inbox file");

@@ -71,6 +71,21 @@ fn tokens_identify_callers_and_confine_them_to_their_own_queue() {
         "revoking twice is an error: {}",
         out.stderr
     );
+
+    // Revoking the last token does not reopen the hub: it refuses everyone, and says so.
+    let out = hub.token_cmd(&["revoke", "alpha"]);
+    assert!(
+        out.success() && out.stderr.contains("no tokens left"),
+        "{}",
+        out.stderr
+    );
+    hub.get("/v1/messages?host=alpha&wait=0")
+        .assert_error(401, "no credentials once the last token is revoked");
+    hub.request_as(&alpha, "GET", "/v1/messages?host=alpha&wait=0", None)
+        .assert_error(401, "the last, revoked token");
+    let msg = message("tok.test", "anyone", None, "normal", json!({}));
+    hub.post("/v1/messages", &msg)
+        .assert_error(401, "a send once the last token is revoked");
 }
 
 #[test]

@@ -23,6 +23,13 @@ pub fn run(config: &Config, action: TokenAction) -> Result<()> {
                 )));
             }
             eprintln!("revoked the token of {host}");
+            if auth::list(dir)?.is_empty() {
+                eprintln!(
+                    "no tokens left: the hub refuses every /v1 call until one is issued \
+                     (to return to open mode, stop the hub and delete {})",
+                    dir.join(auth::TOKENS_FILE).display()
+                );
+            }
         }
         TokenAction::List => {
             for (host, issued_at) in auth::list(dir)? {

@@ -7,6 +7,11 @@
 //!
 //! Once any token exists, every `/v1` call needs one, and the caller's host id comes from it.
 //! A running hub notices a changed file on the next request (and on SIGHUP at the latest).
+//!
+//! Open mode is the absence of the file, not an empty list: revoking the last token leaves
+//! an empty `tokens.json` that refuses everyone, so that no revocation can open the hub.
+//! A file that disappears under a running hub is treated the same way until a restart;
+//! deleting it with the hub stopped is the deliberate way back to open mode.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -149,6 +154,9 @@ struct Loaded {
     /// The modification time and size of the file last read; `None` when absent.
     stamp: Option<(SystemTime, u64)>,
     hashes: Vec<(String, [u8; 32])>,
+    /// A token file has existed since start-up: every caller needs a token, even when
+    /// none is left.
+    required: bool,
 }
 
 impl Tokens {
@@ -162,6 +170,7 @@ impl Tokens {
         let mut loaded = tokens.lock();
         loaded.stamp = stamp(&tokens.path);
         loaded.hashes = hashes(&file)?;
+        loaded.required = loaded.stamp.is_some();
         drop(loaded);
         Ok(tokens)
     }
@@ -178,15 +187,24 @@ impl Tokens {
         if loaded.stamp == now {
             return;
         }
+        if now.is_none() {
+            tracing::error!(
+                "{TOKENS_FILE} disappeared; keeping the tokens loaded before (open mode \
+                 needs the file gone when the hub starts)"
+            );
+            loaded.stamp = now;
+            return;
+        }
         let dir = self.path.parent().unwrap_or(Path::new("."));
         match read(dir).and_then(|file| hashes(&file)) {
             Ok(hashes) => {
-                if hashes.is_empty() && !loaded.hashes.is_empty() {
-                    tracing::warn!("no tokens left: the hub is in open mode again");
+                if hashes.is_empty() {
+                    tracing::warn!("no tokens left: every /v1 call is refused until one is issued");
                 }
                 tracing::info!(hosts = hashes.len(), "tokens reloaded");
                 loaded.hashes = hashes;
                 loaded.stamp = now;
+                loaded.required = true;
             }
             Err(err) => {
                 tracing::error!(%err, "cannot reload the tokens; keeping the ones loaded before");
@@ -196,17 +214,17 @@ impl Tokens {
         }
     }
 
-    /// True when no token exists.
+    /// True in open mode: there is no token file.
     pub fn is_open(&self) -> bool {
         self.refresh();
-        self.lock().hashes.is_empty()
+        !self.lock().required
     }
 
     /// Who presents this `Authorization` header.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Caller, Denied> {
         self.refresh();
         let loaded = self.lock();
-        if loaded.hashes.is_empty() {
+        if !loaded.required {
             return Ok(Caller::Open);
         }
         let token = header
@@ -297,6 +315,36 @@ mod tests {
         assert_eq!(tokens.authenticate(Some(&header(&a))), Err(Denied::Invalid));
         assert_eq!(list(tmp.path()).unwrap().len(), 1);
         assert!(issue(tmp.path(), "../x").is_err());
+    }
+
+    #[test]
+    fn revoking_the_last_token_or_deleting_the_file_does_not_open_the_hub() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = issue(tmp.path(), "alpha").unwrap();
+        let tokens = Tokens::load(tmp.path()).unwrap();
+        assert!(revoke(tmp.path(), "alpha").unwrap());
+        assert_eq!(tokens.authenticate(None), Err(Denied::Missing));
+        assert_eq!(
+            tokens.authenticate(Some(&format!("Bearer {a}"))),
+            Err(Denied::Invalid)
+        );
+        assert!(!tokens.is_open());
+
+        let b = issue(tmp.path(), "beta").unwrap();
+        assert_eq!(
+            tokens.authenticate(Some(&format!("Bearer {b}"))),
+            Ok(Caller::Host("beta".into()))
+        );
+        fs::remove_file(path(tmp.path())).unwrap();
+        assert_eq!(tokens.authenticate(None), Err(Denied::Missing));
+        assert_eq!(
+            tokens.authenticate(Some(&format!("Bearer {b}"))),
+            Ok(Caller::Host("beta".into())),
+            "the tokens loaded before stay in force"
+        );
+        // Started without the file: open mode, as deliberately chosen.
+        let restarted = Tokens::load(tmp.path()).unwrap();
+        assert_eq!(restarted.authenticate(None), Ok(Caller::Open));
     }
 
     #[test]
