@@ -173,6 +173,13 @@ fn hub_and_agent_log_structured_records_to_the_journal() {
         field(r, "MESSAGE") == "message accepted"
     });
     assert_eq!(field(&accepted, "MESYNC_ID"), id, "{accepted:?}");
+    assert_eq!(field(&accepted, "MESYNC_TYPE"), "journal.test");
+    assert_eq!(field(&accepted, "MESYNC_SOURCE"), "journal-host");
+    assert_eq!(
+        field(&accepted, "MESYNC_HOST"),
+        "journal-host",
+        "the recipient"
+    );
 
     let hook_failed = journal.wait_for(&mut records, "of the hook failing", |r| {
         field(r, "MESSAGE") == "hook did not succeed"

@@ -92,6 +92,26 @@ fn a_slow_client_does_not_hold_up_the_others() {
     let mut buf = [0u8; 16];
     assert!(slow.read(&mut buf).is_err(), "no answer to half a request");
     idle.clear();
+
+    // After the header read timeout (30 s) the hub closes it.
+    slow.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let waited = Instant::now();
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        match slow.read(&mut buf) {
+            Ok(0) => break true,
+            // A 408 answer before the close is fine too.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        closed,
+        "the hub closed the slow connection ({:?} after the check)",
+        waited.elapsed()
+    );
 }
 
 #[test]

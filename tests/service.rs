@@ -312,6 +312,52 @@ fn sighup_makes_the_hub_read_its_config_file_again_keeping_connections() {
 }
 
 #[test]
+fn sigterm_lets_a_hook_in_progress_finish_and_records_its_outcome() {
+    let hub = Hub::start();
+    let mut rx = Agent::new(&hub.url(), "grace-rx");
+    let marks = rx.base().join("marks");
+    std::fs::create_dir_all(&marks).expect("marks dir");
+    rx.install_hook(
+        "slow.hook",
+        &format!(
+            "#!/bin/sh\ntouch '{m}/started'\nsleep 2\ntouch '{m}/finished'\n",
+            m = marks.display()
+        ),
+    );
+    rx.start();
+    hub.wait_registered(&["grace-rx"]);
+    let msg = message(
+        "slow.hook",
+        "tester",
+        Some("grace-rx"),
+        "normal",
+        serde_json::json!({}),
+    );
+    hub.post_message(&msg);
+    wait_until(TIMEOUT, "the hook started", || {
+        marks.join("started").exists()
+    });
+
+    // SIGTERM while the hook sleeps: the agent waits for it (within its grace period).
+    let status = rx.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent exits 0: {status:?}"
+    );
+    assert!(
+        marks.join("finished").exists(),
+        "the hook in progress was allowed to finish"
+    );
+    let id = id_of(&msg);
+    let listed = rx.list_json("inbox");
+    let entry = listed
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .expect("the message is in the inbox");
+    assert_eq!(entry["hook"], "ok", "its outcome is recorded: {entry}");
+}
+
+#[test]
 fn sigterm_during_a_burst_leaves_no_partial_files_and_exits_0() {
     let mut hub = Hub::start();
     let mut tx = Agent::new(&hub.url(), "burst-tx");
@@ -360,6 +406,9 @@ fn sigterm_during_a_burst_leaves_no_partial_files_and_exits_0() {
             );
         }
     }
+    // The hub's commits leave nothing half-done in its staging area either.
+    let staged = list_dir_all(&hub.data_dir().join("staging"));
+    assert!(staged.is_empty(), "hub staging/ holds {staged:?}");
     for dir in [rx.dir("inbox"), tx.dir("sent")] {
         for name in list_dir(&dir) {
             let bytes = std::fs::read(dir.join(&name)).expect("read");

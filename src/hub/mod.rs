@@ -195,7 +195,7 @@ async fn apply_reload<S: Store>(
     config: &mut HubConfig,
     new: HubConfig,
 ) {
-    api.tokens.refresh();
+    api.tokens.reload();
     if new.listen != config.listen || new.data_dir != config.data_dir {
         tracing::warn!("[hub] listen and data_dir changes take effect at the next restart");
     }

@@ -215,6 +215,10 @@ struct Planned {
     expires_at: Option<DateTime<Utc>>,
     recipients: Vec<String>,
     bytes: Vec<u8>,
+    /// For the log line that says the message was accepted.
+    kind: String,
+    source: String,
+    target: Option<String>,
 }
 
 impl Planned {
@@ -867,6 +871,9 @@ fn plan(shared: &Shared, messages: Vec<Message>, outcomes: &mut [Enqueued]) -> V
             expires_at: message.expires_at.map(|t| t.utc()),
             recipients,
             bytes: message.to_json(),
+            kind: message.kind.clone(),
+            source: message.source.clone(),
+            target: message.target.clone(),
         });
     }
     plan
@@ -974,7 +981,14 @@ fn publish_plan(shared: &Shared, plan: Vec<Planned>, outcomes: &mut [Enqueued]) 
                 wake.push(Arc::clone(&entry.notify));
             }
             outcomes[item.index] = Enqueued::Accepted(item.recipients.len());
-            tracing::info!(id = %item.message_id, recipients = item.recipients.len(), "message accepted");
+            tracing::info!(
+                id = %item.message_id,
+                r#type = %item.kind,
+                source = %item.source,
+                host = item.target.as_deref().unwrap_or("(broadcast)"),
+                recipients = item.recipients.len(),
+                "message accepted"
+            );
         }
     }
     shared
