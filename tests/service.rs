@@ -312,6 +312,33 @@ fn sighup_makes_the_hub_read_its_config_file_again_keeping_connections() {
 }
 
 #[test]
+fn sigint_stops_hub_and_agent_cleanly_as_sigterm_does() {
+    let mut hub = Hub::start();
+    let mut agent = Agent::new(&hub.url(), "int-host");
+    agent.start();
+    hub.wait_registered(&["int-host"]);
+    let agent_status = agent.stop_with("INT");
+    let hub_status = hub.stop_with("INT");
+    for (who, status, logs) in [
+        ("agent", agent_status, &agent.logs),
+        ("hub", hub_status, &hub.logs),
+    ] {
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the {who} exits 0 on SIGINT: {status:?}"
+        );
+        let said = format!("{who} stopped");
+        assert!(
+            logs.lines()
+                .iter()
+                .any(|l| !l.starts_with("[harness]") && l.contains(&said)),
+            "the {who} logs that it stopped: {:?}",
+            logs.lines()
+        );
+    }
+}
+
+#[test]
 fn sigterm_lets_a_hook_in_progress_finish_and_records_its_outcome() {
     let hub = Hub::start();
     let mut rx = Agent::new(&hub.url(), "grace-rx");

@@ -313,11 +313,17 @@ fn kill_and_reap(child: &mut Child) {
 
 /// Sends SIGTERM, waits up to `grace` for the exit, then SIGKILL.
 fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    signal_and_wait(child, "TERM", grace)
+}
+
+/// Sends `signal` (a name for kill(1): TERM, INT, ...) and waits up to `grace` for the
+/// exit; then SIGKILL, and `None`.
+fn signal_and_wait(child: &mut Child, signal: &str, grace: Duration) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -959,9 +965,16 @@ impl Hub {
 
     /// SIGTERM, then SIGKILL after 10 s; returns the exit status if it exited by itself.
     pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.stop_with("TERM")
+    }
+
+    /// Stops the hub with `signal` (TERM, INT): its exit status, or `None` if it had to be
+    /// killed after 10 s.
+    pub fn stop_with(&mut self, signal: &str) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let status = terminate(&mut child, Duration::from_secs(10));
-        self.logs.push(format!("[harness] hub stopped: {status:?}"));
+        let status = signal_and_wait(&mut child, signal, Duration::from_secs(10));
+        self.logs
+            .push(format!("[harness] hub stopped with SIG{signal}: {status:?}"));
         status
     }
 
@@ -1253,10 +1266,16 @@ impl Agent {
 
     /// SIGTERM, then SIGKILL after 10 s; returns the exit status if it exited by itself.
     pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.stop_with("TERM")
+    }
+
+    /// Stops the agent with `signal` (TERM, INT): its exit status, or `None` if it had to
+    /// be killed after 10 s.
+    pub fn stop_with(&mut self, signal: &str) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let status = terminate(&mut child, Duration::from_secs(10));
+        let status = signal_and_wait(&mut child, signal, Duration::from_secs(10));
         self.logs
-            .push(format!("[harness] agent stopped: {status:?}"));
+            .push(format!("[harness] agent stopped with SIG{signal}: {status:?}"));
         status
     }
 
