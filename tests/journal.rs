@@ -210,3 +210,33 @@ fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
 }
+
+#[test]
+fn log_format_text_overrides_a_journal_on_stderr() {
+    // Stderr is a file that JOURNAL_STREAM names, as under systemd; `--log-format text`
+    // keeps human-readable lines on it anyway. No journal socket is needed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr_path = dir.path().join("hub.stderr");
+    let stderr = fs::File::create(&stderr_path).expect("create stderr file");
+    let meta = stderr.metadata().expect("stat stderr file");
+    let mut cmd = clean_command(dir.path());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "text",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("hub"))
+    .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+    .stdout(Stdio::null())
+    .stderr(stderr);
+    let _hub = ChildGuard(cmd.spawn().expect("start the hub"));
+    wait_until(TIMEOUT, "the hub logs as text to its stderr", || {
+        fs::read_to_string(&stderr_path).is_ok_and(|t| t.contains("listening on http://"))
+    });
+    // Chosen, not fallen back to: the journal was not even tried.
+    let text = fs::read_to_string(&stderr_path).expect("read stderr");
+    assert!(!text.contains("journal is not reachable"), "{text}");
+}

@@ -973,8 +973,9 @@ impl Hub {
     pub fn stop_with(&mut self, signal: &str) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let status = signal_and_wait(&mut child, signal, Duration::from_secs(10));
-        self.logs
-            .push(format!("[harness] hub stopped with SIG{signal}: {status:?}"));
+        self.logs.push(format!(
+            "[harness] hub stopped with SIG{signal}: {status:?}"
+        ));
         status
     }
 
@@ -1274,8 +1275,9 @@ impl Agent {
     pub fn stop_with(&mut self, signal: &str) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let status = signal_and_wait(&mut child, signal, Duration::from_secs(10));
-        self.logs
-            .push(format!("[harness] agent stopped with SIG{signal}: {status:?}"));
+        self.logs.push(format!(
+            "[harness] agent stopped with SIG{signal}: {status:?}"
+        ));
         status
     }
 
