@@ -94,7 +94,15 @@ fn agents_with_tokens_deliver_end_to_end_and_a_wrong_token_is_refused() {
     let tx_token = hub.issue_token("tx");
     let rx_token = hub.issue_token("rx");
     let mut tx = Agent::new(&hub.url(), "tx").with_env("MESYNC_TOKEN", &tx_token);
-    let mut rx = Agent::new(&hub.url(), "rx").with_env("MESYNC_TOKEN", &rx_token);
+    // The receiver reads its token from a file, as `token_file` in its config.
+    let mut rx = Agent::new(&hub.url(), "rx");
+    let token_file = rx.base().join("token");
+    fs::write(&token_file, format!("{rx_token}\n")).expect("write token file");
+    fs::write(
+        rx.base().join("config.toml"),
+        format!("token_file = {:?}\n", token_file.display().to_string()),
+    )
+    .expect("write config");
     rx.start();
     tx.start();
     let id = tx.send("tok.e2e", r#"{"n": 1}"#, &["--target", "rx"]);
