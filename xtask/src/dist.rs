@@ -15,10 +15,14 @@
 //! `packaging/changelog`, which must name that version, so a release cannot be packed
 //! without its changelog entry. The output is reproducible: every timestamp is
 //! `SOURCE_DATE_EPOCH` if set, else the date of that changelog entry (as dpkg does), entries
-//! are sorted, owners are root, and compression embeds no time or name. One input is easy
-//! to miss: the checkout's path, which the linker hashes (through the debug information)
-//! into the binary's GNU build id, and which stripping leaves in place. Builds of one
-//! commit in the same directory are identical; elsewhere the build id differs.
+//! are sorted, owners are root, and compression embeds no time or name. Directories are
+//! the input easiest to miss: the checkout's, cargo's home (the dependencies' sources) and
+//! the target directory reach the debug information and panic locations, the linker hashes
+//! them into the binary's GNU build id, and stripping leaves that in place. The release
+//! build therefore renames them (`--remap-path-prefix` for rustc, `-ffile-prefix-map` for
+//! the C compiler; see `build_release`), so the build id, kept, depends on the contents
+//! alone: builds of one commit with the same Rust toolchain and C compiler give the same
+//! bytes wherever the checkout and cargo's home are.
 
 mod deb;
 mod docs;
@@ -202,8 +206,23 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
-/// Builds the release binary into `target_dir` and returns its path.
+/// Builds the release binary into `target_dir` and returns its path: the release profile
+/// users get with `cargo build --release`, with path remapping added to the user's own
+/// flags, for rustc ([`release_rustflags`]) and for the C compiler that build scripts run
+/// through the `cc` crate ([`release_cflags`]: ring's C and assembly sources), so that no
+/// directory of this machine reaches the binary. Cargo keeps what it builds with different
+/// flags apart: the first dist build compiles everything once more, next to what
+/// `cargo build --release` compiles, and `target/release/mesync` is the binary of
+/// whichever of the two ran last.
 fn build_release(target_dir: &Path) -> Result<PathBuf, String> {
+    let root = project_root();
+    let remaps = path_remaps(&root, target_dir, cargo_home().as_deref());
+    let rustflags = release_rustflags(
+        std::env::var_os("CARGO_ENCODED_RUSTFLAGS"),
+        std::env::var_os("RUSTFLAGS"),
+        &remaps,
+    )?;
+    let cflags = release_cflags(std::env::var_os("CFLAGS"), &remaps);
     let status = Command::new(cargo())
         .args([
             "build",
@@ -214,13 +233,136 @@ fn build_release(target_dir: &Path) -> Result<PathBuf, String> {
             "--target-dir",
         ])
         .arg(target_dir)
-        .current_dir(project_root())
+        .current_dir(&root)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTFLAGS")
+        .env("CFLAGS", cflags)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
         return Err("cargo build --release failed".into());
     }
     Ok(target_dir.join("release").join("mesync"))
+}
+
+/// Cargo's home, where the registry's sources are unpacked: `CARGO_HOME`, else `~/.cargo`.
+fn cargo_home() -> Option<PathBuf> {
+    match std::env::var_os("CARGO_HOME") {
+        Some(home) if !home.is_empty() => Some(absolute(PathBuf::from(home))),
+        _ => std::env::var_os("HOME")
+            .filter(|home| !home.is_empty())
+            .map(|home| PathBuf::from(home).join(".cargo")),
+    }
+}
+
+/// The directories that would otherwise reach the binary, each with the fixed name it is
+/// given there, in the order rustc must see them (when several prefixes match a path, the
+/// last one given wins, so the innermost comes last): cargo's home, whose registry
+/// sources give the paths of the dependencies' panic locations and debug information, as
+/// `/cargo`; the workspace root, which is rustc's working directory and so the debug
+/// information's compilation directory, as `.`; the target directory, where build scripts
+/// write generated sources, as `target`. Each also under its real path if that differs
+/// (a symbolic link on the way), since rustc sees the working directory that way.
+fn path_remaps(
+    root: &Path,
+    target_dir: &Path,
+    cargo_home: Option<&Path>,
+) -> Vec<(PathBuf, &'static str)> {
+    let mut remaps = Vec::new();
+    let dirs = [
+        (cargo_home, "/cargo"),
+        (Some(root), "."),
+        (Some(target_dir), "target"),
+    ];
+    for (dir, name) in dirs {
+        let Some(dir) = dir else { continue };
+        if let Ok(real) = dir.canonicalize()
+            && real != dir
+        {
+            remaps.push((real, name));
+        }
+        remaps.push((dir.to_path_buf(), name));
+    }
+    remaps
+}
+
+/// `CFLAGS` for the C compilers the `cc` crate runs in build scripts: the user's, then a
+/// `-ffile-prefix-map` (GCC 8, Clang 10) for each of `remaps`, which renames the paths in
+/// debug information and `__FILE__`. cc splits `CFLAGS` at whitespace and GCC splits the
+/// mapping at its first `=`: a directory with either is left out, with a note.
+fn release_cflags(
+    user: Option<std::ffi::OsString>,
+    remaps: &[(PathBuf, &str)],
+) -> std::ffi::OsString {
+    let mut cflags = user.unwrap_or_default();
+    for (from, to) in remaps {
+        let text = from.to_string_lossy();
+        if text.contains(|c: char| c.is_whitespace() || c == '=') {
+            eprintln!(
+                "xtask: note: {}: a space or `=` in the path; C sources' debug information \
+                 keeps it",
+                from.display()
+            );
+            continue;
+        }
+        if !cflags.is_empty() {
+            cflags.push(" ");
+        }
+        cflags.push("-ffile-prefix-map=");
+        cflags.push(from);
+        cflags.push(format!("={to}"));
+    }
+    cflags
+}
+
+/// The rustc flags of the release build, as `CARGO_ENCODED_RUSTFLAGS` (flags separated by
+/// 0x1f): the user's own, taken as cargo would (`CARGO_ENCODED_RUSTFLAGS` if set, else
+/// `RUSTFLAGS` split at spaces), then a `--remap-path-prefix` for each of `remaps`. Setting
+/// the variable hides rustflags from cargo's configuration files (`build.rustflags`,
+/// `target.*.rustflags`), as any `RUSTFLAGS` does: a package is built from the
+/// environment's flags alone.
+fn release_rustflags(
+    encoded: Option<std::ffi::OsString>,
+    plain: Option<std::ffi::OsString>,
+    remaps: &[(PathBuf, &str)],
+) -> Result<String, String> {
+    let text = |value: std::ffi::OsString, name: &str| {
+        value
+            .into_string()
+            .map_err(|_| format!("{name} is not valid UTF-8"))
+    };
+    let mut flags: Vec<String> = match (encoded, plain) {
+        (Some(encoded), _) => {
+            let encoded = text(encoded, "CARGO_ENCODED_RUSTFLAGS")?;
+            if encoded.is_empty() {
+                Vec::new()
+            } else {
+                encoded.split('\x1f').map(str::to_string).collect()
+            }
+        }
+        (None, Some(plain)) => text(plain, "RUSTFLAGS")?
+            .split(' ')
+            .map(str::trim)
+            .filter(|flag| !flag.is_empty())
+            .map(str::to_string)
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    for (from, to) in remaps {
+        let from = from.to_str().ok_or_else(|| {
+            format!(
+                "{}: a path that is not UTF-8 cannot be remapped out of the binary",
+                from.display()
+            )
+        })?;
+        if from.contains('\x1f') {
+            return Err(format!(
+                "{from:?}: a path with a 0x1f byte cannot be passed to rustc"
+            ));
+        }
+        flags.push(format!("--remap-path-prefix={from}={to}"));
+    }
+    Ok(flags.join("\x1f"))
 }
 
 /// Copies the binary to `copy` without its debug information and symbol table, as
@@ -712,6 +854,66 @@ mod tests {
         assert_eq!(&data[4..8], &[0, 0, 0, 0], "mtime");
         assert_eq!(data[8], 2, "XFL: best compression");
         assert_eq!(data[9], 3, "OS: Unix");
+    }
+
+    #[test]
+    fn release_rustflags_keep_the_users_and_add_the_remaps_last() {
+        let remaps = [
+            (PathBuf::from("/home/u/.cargo"), "/cargo"),
+            (PathBuf::from("/src/a=b"), "."),
+        ];
+        let added = "--remap-path-prefix=/home/u/.cargo=/cargo\x1f--remap-path-prefix=/src/a=b=.";
+        let os = |text: &str| Some(std::ffi::OsString::from(text));
+        assert_eq!(release_rustflags(None, None, &remaps).unwrap(), added);
+        // RUSTFLAGS is split at spaces, as cargo does; CARGO_ENCODED_RUSTFLAGS wins over it
+        // and keeps its flags whole.
+        assert_eq!(
+            release_rustflags(None, os("  -C  target-cpu=x86-64-v2 "), &remaps).unwrap(),
+            format!("-C\x1ftarget-cpu=x86-64-v2\x1f{added}")
+        );
+        assert_eq!(
+            release_rustflags(os("--cfg\x1fa b"), os("-C debuginfo=2"), &remaps).unwrap(),
+            format!("--cfg\x1fa b\x1f{added}")
+        );
+        // Set but empty: no flags of the user's.
+        assert_eq!(
+            release_rustflags(os(""), os("-Cdebuginfo=2"), &remaps).unwrap(),
+            added
+        );
+    }
+
+    #[test]
+    fn release_cflags_keep_the_users_and_skip_what_cc_would_split() {
+        let remaps = [
+            (PathBuf::from("/home/u/.cargo"), "/cargo"),
+            (PathBuf::from("/src/my project"), "."),
+            (PathBuf::from("/src/a=b"), "."),
+            (PathBuf::from("/src/t"), "target"),
+        ];
+        let added = "-ffile-prefix-map=/home/u/.cargo=/cargo -ffile-prefix-map=/src/t=target";
+        assert_eq!(release_cflags(None, &remaps), added);
+        assert_eq!(
+            release_cflags(Some("-O2 -g".into()), &remaps),
+            format!("-O2 -g {added}").as_str()
+        );
+    }
+
+    #[test]
+    fn path_remaps_put_the_innermost_directory_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        let link = real.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let remaps = path_remaps(&link, &link.join("target"), Some(Path::new("/nowhere")));
+        assert_eq!(
+            remaps,
+            vec![
+                (PathBuf::from("/nowhere"), "/cargo"),
+                (real.clone(), "."),
+                (link.clone(), "."),
+                (link.join("target"), "target"),
+            ]
+        );
     }
 
     #[test]
