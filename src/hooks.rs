@@ -25,6 +25,8 @@ use crate::message::Message;
 pub const EX_TEMPFAIL: i32 = 75;
 /// Time a hook gets between SIGTERM and SIGKILL when it overstays its timeout.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long the output of a hook that exited is waited for, per stream (stdout, stderr).
+const OUTPUT_WAIT: Duration = Duration::from_secs(1);
 /// PATH for hooks when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -76,6 +78,12 @@ impl HookRun<'_> {
     /// The hook's path: the type was validated, so it cannot leave `hooks/`.
     pub fn path(&self) -> PathBuf {
         self.hooks_dir.join(&self.message.kind)
+    }
+
+    /// The longest [`HookRun::run`] takes: the timeout, then the grace before SIGKILL, or
+    /// the wait for the output of a hook that exited.
+    pub fn bound(&self) -> Duration {
+        self.timeout + KILL_GRACE.max(OUTPUT_WAIT * 2)
     }
 
     /// Runs the hook, if there is one, and reports how it ended.
@@ -150,7 +158,7 @@ impl HookRun<'_> {
         let _ = feeder.await;
         for logger in loggers {
             // Output from a background process the hook left behind must not hold us up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), logger).await;
+            let _ = tokio::time::timeout(OUTPUT_WAIT, logger).await;
         }
         match status {
             Ok(status) => match (
