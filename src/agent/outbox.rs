@@ -454,11 +454,17 @@ fn scan(
         }
         heartbeat.busy_for(DISK_BOUND);
         let path = outbox.join(file);
-        let bytes = match fs::read(&path) {
+        let bytes = match spool::read_regular(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
                 tracing::debug!(%file, "ignoring a directory in outbox/");
+                continue;
+            }
+            // A named pipe, a socket, a device: nothing to send, and reading one could hang
+            // the sender (a pipe without a writer) or never end (a device).
+            Err(e) if e.kind() == spool::NOT_REGULAR => {
+                move_to_failed(config, file, &e.to_string())?;
                 continue;
             }
             Err(e) => return Err(e).ctx("read", &path),

@@ -48,7 +48,7 @@ async fn run_hook(agent: &Agent, heartbeat: &Heartbeat, id: Uuid, delivery: &Del
     heartbeat.busy_for(DISK_BOUND);
     let config = agent.config();
     let inbox_file = config.inbox_dir().join(&delivery.file);
-    let message = match std::fs::read(&inbox_file)
+    let message = match crate::spool::read_regular(&inbox_file)
         .map_err(|e| e.to_string())
         .and_then(|bytes| Message::parse(&bytes))
     {
