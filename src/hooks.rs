@@ -25,7 +25,7 @@ use crate::message::Message;
 pub const EX_TEMPFAIL: i32 = 75;
 /// Time a hook gets between SIGTERM and SIGKILL when it overstays its timeout.
 const KILL_GRACE: Duration = Duration::from_secs(2);
-/// How long the output of a hook that exited is waited for, per stream (stdout, stderr).
+/// How long a hook that exited has its input written and its output read, per stream.
 const OUTPUT_WAIT: Duration = Duration::from_secs(1);
 /// PATH for hooks when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -81,9 +81,9 @@ impl HookRun<'_> {
     }
 
     /// The longest [`HookRun::run`] takes: the timeout, then the grace before SIGKILL, or
-    /// the wait for the output of a hook that exited.
+    /// the waits for the input and the output of a hook that exited.
     pub fn bound(&self) -> Duration {
-        self.timeout + KILL_GRACE.max(OUTPUT_WAIT * 2)
+        self.timeout + KILL_GRACE.max(OUTPUT_WAIT * 3)
     }
 
     /// Runs the hook, if there is one, and reports how it ended.
@@ -120,7 +120,7 @@ impl HookRun<'_> {
 
         let stdin = child.stdin.take();
         let input = self.message.to_json();
-        let feeder = tokio::spawn(async move {
+        let mut feeder = tokio::spawn(async move {
             if let Some(mut stdin) = stdin {
                 // A hook that does not read its input closes the pipe: not an error.
                 let _ = stdin.write_all(&input).await;
@@ -155,7 +155,14 @@ impl HookRun<'_> {
                 return Outcome::TimedOut;
             }
         };
-        let _ = feeder.await;
+        // A background process the hook left behind may hold its stdin without reading it:
+        // a message larger than the pipe's buffer would then never be written in full.
+        if tokio::time::timeout(OUTPUT_WAIT, &mut feeder)
+            .await
+            .is_err()
+        {
+            feeder.abort();
+        }
         for logger in loggers {
             // Output from a background process the hook left behind must not hold us up.
             let _ = tokio::time::timeout(OUTPUT_WAIT, logger).await;
