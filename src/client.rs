@@ -122,6 +122,11 @@ impl HubClient {
         })
     }
 
+    /// How long a call may take (`http_timeout`); a long-poll takes its wait on top.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `POST /v1/messages` with a batch. Answers with a body listing what was accepted are
     /// returned even when the status is an error (a batch partly refused for a full disk).
     pub async fn send(&self, body: Bytes) -> Result<(u16, SendReply), HubError> {

@@ -25,6 +25,8 @@ use crate::message::Message;
 pub const EX_TEMPFAIL: i32 = 75;
 /// Time a hook gets between SIGTERM and SIGKILL when it overstays its timeout.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long a hook that exited has its input written and its output read, per stream.
+const OUTPUT_WAIT: Duration = Duration::from_secs(1);
 /// PATH for hooks when the agent has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -78,6 +80,12 @@ impl HookRun<'_> {
         self.hooks_dir.join(&self.message.kind)
     }
 
+    /// The longest [`HookRun::run`] takes: the timeout, then the grace before SIGKILL, or
+    /// the waits for the input and the output of a hook that exited.
+    pub fn bound(&self) -> Duration {
+        self.timeout + KILL_GRACE.max(OUTPUT_WAIT * 3)
+    }
+
     /// Runs the hook, if there is one, and reports how it ended.
     pub async fn run(&self) -> Outcome {
         let path = self.path();
@@ -112,7 +120,7 @@ impl HookRun<'_> {
 
         let stdin = child.stdin.take();
         let input = self.message.to_json();
-        let feeder = tokio::spawn(async move {
+        let mut feeder = tokio::spawn(async move {
             if let Some(mut stdin) = stdin {
                 // A hook that does not read its input closes the pipe: not an error.
                 let _ = stdin.write_all(&input).await;
@@ -147,10 +155,17 @@ impl HookRun<'_> {
                 return Outcome::TimedOut;
             }
         };
-        let _ = feeder.await;
+        // A background process the hook left behind may hold its stdin without reading it:
+        // a message larger than the pipe's buffer would then never be written in full.
+        if tokio::time::timeout(OUTPUT_WAIT, &mut feeder)
+            .await
+            .is_err()
+        {
+            feeder.abort();
+        }
         for logger in loggers {
             // Output from a background process the hook left behind must not hold us up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), logger).await;
+            let _ = tokio::time::timeout(OUTPUT_WAIT, logger).await;
         }
         match status {
             Ok(status) => match (

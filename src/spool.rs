@@ -205,6 +205,51 @@ pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     publish_with(Commit::with_mode(0o600), &[NewFile { dir, name, bytes }])
 }
 
+/// Reads a queue file, refusing anything but a regular file with [`NOT_REGULAR`]: a named
+/// pipe dropped into a queue would block open(2) until someone writes to it, and a device
+/// could be read forever. The type is checked before the file is opened (a socket cannot
+/// even be opened) and again on the open descriptor, which is opened with `O_NONBLOCK` so
+/// that a pipe swapped in between cannot block either. A directory is an `IsADirectory`
+/// error.
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    check_regular(&fs::metadata(path)?)?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    check_regular(&meta)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The error kind of [`read_regular`] for a file that is not a regular file.
+pub const NOT_REGULAR: std::io::ErrorKind = std::io::ErrorKind::InvalidInput;
+
+fn check_regular(meta: &fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        return Err(std::io::ErrorKind::IsADirectory.into());
+    } else if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "of an unknown type"
+    };
+    Err(std::io::Error::new(
+        NOT_REGULAR,
+        format!("not a regular file but {what}"),
+    ))
+}
+
 /// Moves `from` to `to_dir/to_name` with rename(2). When `durable`, both directories are
 /// flushed before it returns.
 pub fn move_file(from: &Path, to_dir: &Path, to_name: &str, durable: bool) -> Result<PathBuf> {
@@ -386,6 +431,30 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, vec![".keep".to_string(), "m2.json".to_string()]);
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("m.json");
+        fs::write(&file, b"{}").unwrap();
+        assert_eq!(read_regular(&file).unwrap(), b"{}");
+        let pipe = tmp.path().join("pipe.json");
+        nix::unistd::mkfifo(&pipe, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Would block forever with a plain open(2), no writer ever coming.
+        let err = read_regular(&pipe).unwrap_err();
+        assert_eq!(err.kind(), NOT_REGULAR);
+        assert!(err.to_string().contains("named pipe"), "{err}");
+        let socket = tmp.path().join("socket.json");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err = read_regular(&socket).unwrap_err();
+        assert!(err.to_string().contains("socket"), "{err}");
+        let err = read_regular(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("device"), "{err}");
+        let err = read_regular(tmp.path()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::IsADirectory);
+        let err = read_regular(&tmp.path().join("gone")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -121,6 +121,33 @@ fn hook_is_killed_with_its_process_group_after_hook_timeout() {
 }
 
 #[test]
+fn a_process_left_holding_a_hooks_stdin_does_not_hold_up_the_next_hook() {
+    let hub = Hub::start();
+    let mut beta = receiver(&hub);
+    // A duration no other process on the machine is likely to sleep for.
+    let nap = format!("{}.{}", 50 + std::process::id() % 10, std::process::id());
+    let _cleanup = KillByCmdline(vec!["sleep".into(), nap.clone()]);
+    // The hook exits at once, leaving behind a process that holds its stdin without ever
+    // reading it (through fd 3: a background command's own stdin is /dev/null).
+    beta.install_hook(
+        "holds.stdin",
+        &format!("#!/bin/sh\nexec 3<&0\nsleep {nap} <&3 &\nexit 0\n"),
+    );
+    beta.start();
+    // Larger than a pipe's buffer (64 KiB): writing it all waits for a reader.
+    let held = post_to_beta(&hub, "holds.stdin", json!({"pad": "x".repeat(200_000)}));
+    let next = post_to_beta(&hub, "barrier.type", json!({}));
+    wait_until(TIMEOUT, "the next message's hook runs", || {
+        beta.hook_stdin(&next, 1).is_some()
+    });
+    assert_eq!(outcome(&beta, &held).as_deref(), Some("ok"));
+    assert!(
+        !pids_with_cmdline(&["sleep", &nap]).is_empty(),
+        "the process the hook left behind was still holding its stdin"
+    );
+}
+
+#[test]
 fn loose_hook_file_is_refused() {
     let hub = Hub::start();
     let mut beta = receiver(&hub);

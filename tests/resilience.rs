@@ -137,6 +137,62 @@ fn bad_outbox_files_go_to_failed_with_a_reason_and_retry_requeues_them() {
 }
 
 #[test]
+fn a_named_pipe_or_a_socket_in_outbox_goes_to_failed_and_holds_nothing_up() {
+    let hub = Hub::start();
+    let [mut alpha, beta] = start_agents(&hub, ["alpha", "beta"]);
+    let outbox = alpha.dir("outbox");
+    // A named pipe nobody writes to: opening it to read it waits for a writer forever.
+    nix::unistd::mkfifo(
+        &outbox.join("pipe.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .expect("mkfifo");
+    // A socket cannot even be opened.
+    let _socket = std::os::unix::net::UnixListener::bind(outbox.join("socket.json"))
+        .expect("bind a socket in outbox/");
+    let good = alpha.send("after.pipe", "{}", &["--target", "beta"]);
+    wait_until(TIMEOUT, "a valid message still flows", || beta.has(&good));
+
+    let failed = alpha.dir("failed");
+    let reason = |name: &str| fs::read_to_string(failed.join(format!("{name}.reason"))).ok();
+    wait_until(
+        TIMEOUT,
+        "the pipe and the socket in failed/, with reasons",
+        || reason("pipe.json").is_some() && reason("socket.json").is_some(),
+    );
+    let pipe_reason = reason("pipe.json").unwrap_or_default();
+    assert!(pipe_reason.contains("named pipe"), "{pipe_reason:?}");
+    let socket_reason = reason("socket.json").unwrap_or_default();
+    assert!(socket_reason.contains("socket"), "{socket_reason:?}");
+    use std::os::unix::fs::FileTypeExt;
+    let moved = fs::symlink_metadata(failed.join("pipe.json")).expect("failed/pipe.json");
+    assert!(moved.file_type().is_fifo(), "moved as it is, not read");
+    assert!(
+        alpha.files("outbox").is_empty(),
+        "{:?}",
+        alpha.files("outbox")
+    );
+
+    // `mesync list failed` shows them without opening them (it would hang on the pipe).
+    let listed = alpha.cmd(&["list", "failed"]).ok("mesync list failed");
+    for (name, why) in [("pipe.json", "named pipe"), ("socket.json", "socket")] {
+        assert!(
+            listed
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(why)),
+            "{name} ({why}) in `mesync list failed`:\n{}",
+            listed.stdout
+        );
+    }
+    let status = alpha.stop();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent stops at once and exits 0: {status:?}"
+    );
+}
+
+#[test]
 fn retry_by_id_moves_only_that_message_back() {
     // No hub at all: the agent is not running, `retry` is a local file operation.
     let agent = Agent::new("http://127.0.0.1:9", "alpha");

@@ -1,13 +1,19 @@
-//! Running under a service manager: sd_notify messages (READY, STATUS, WATCHDOG, STOPPING)
-//! received on a datagram socket the test binds as NOTIFY_SOCKET, and the hub serving on a
-//! socket passed by `systemd-socket-activate`.
+//! Running under a service manager: sd_notify messages (READY, STATUS, WATCHDOG, RELOADING,
+//! STOPPING) received on a datagram socket the test binds as NOTIFY_SOCKET, WATCHDOG=1
+//! withheld while a loop is stuck on a frozen disk, and the hub serving on a socket passed
+//! by `systemd-socket-activate`.
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mesync::service::liveness::{DISK_BOUND, MARGIN};
 use support::*;
 
 /// Collects notifications from a NOTIFY_SOCKET until `done` says enough.
@@ -33,6 +39,89 @@ fn collect(
 
 fn has(seen: &[String], prefix: &str) -> bool {
     seen.iter().any(|l| l.starts_with(prefix))
+}
+
+/// Every line sent to a NOTIFY_SOCKET, with when it came, read by a thread of its own as it
+/// comes: a sender that pings every 200 ms must never find the socket's queue full (it
+/// would block, as it would with a service manager that stopped reading).
+struct Notifications {
+    seen: Arc<Mutex<Vec<(Instant, String)>>>,
+    stop: Arc<AtomicBool>,
+    path: PathBuf,
+}
+
+impl Notifications {
+    fn listen(path: &Path) -> Notifications {
+        let socket = UnixDatagram::bind(path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (into, stopped) = (Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let at = Instant::now();
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let mut seen = into.lock().unwrap_or_else(|p| p.into_inner());
+                    seen.extend(text.lines().map(|l| (at, l.to_string())));
+                }
+            }
+        });
+        Notifications {
+            seen,
+            stop,
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The value for NOTIFY_SOCKET.
+    fn socket(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    fn lines(&self) -> Vec<(Instant, String)> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Waits until `cond` holds for the lines from index `from` on; returns them all.
+    fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut(&[(Instant, String)]) -> bool,
+    ) -> Vec<(Instant, String)> {
+        wait_until(timeout, what, || cond(&self.lines()[from..]));
+        self.lines()
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if std::thread::panicking() {
+            eprintln!("----- notifications on {} -----", self.path.display());
+            for (_, line) in self.lines() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+fn find_in(lines: &[(Instant, String)], prefix: &str) -> bool {
+    find(lines, 0, prefix).is_some()
+}
+
+/// The index of the first line at or after `from` that starts with `prefix`.
+fn find(lines: &[(Instant, String)], from: usize, prefix: &str) -> Option<usize> {
+    (from..lines.len()).find(|&i| lines[i].1.starts_with(prefix))
 }
 
 #[test]
@@ -248,7 +337,12 @@ fn sighup_makes_the_hub_read_its_config_file_again_keeping_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("hub.toml");
     std::fs::write(&config, "[hub]\nmax_message_bytes = 1000\n").expect("config");
-    let hub = Hub::start_with(&["--config", &config.to_string_lossy()], &[]);
+    let notes = Notifications::listen(&dir.path().join("hub.notify"));
+    let hub = Hub::start_with(
+        &["--config", &config.to_string_lossy()],
+        &[("NOTIFY_SOCKET", &notes.socket())],
+    );
+    notes.wait_for(0, TIMEOUT, "READY=1 at start-up", |n| find_in(n, "READY=1"));
     let big = message(
         "hup.big",
         "src",
@@ -278,12 +372,22 @@ fn sighup_makes_the_hub_read_its_config_file_again_keeping_connections() {
 
     std::fs::write(&config, "[hub]\nmax_message_bytes = 100000\n").expect("config");
     let mark = hub.logs.len();
+    let notes_mark = notes.len();
     hangup(hub.pid().expect("running"));
     wait_until(TIMEOUT, "the hub reloads its config file", || {
         hub.logs.lines()[mark..]
             .iter()
             .any(|l| l.contains("configuration reloaded"))
     });
+    // The service manager hears RELOADING=1 when the reload begins, READY=1 once it is done.
+    let lines = notes.wait_for(notes_mark, TIMEOUT, "RELOADING=1, then READY=1", |n| {
+        find(n, 0, "RELOADING=1").is_some_and(|r| find(n, r + 1, "READY=1").is_some())
+    });
+    let reloading = find(&lines, notes_mark, "RELOADING=1").expect("RELOADING=1");
+    assert!(
+        find(&lines, notes_mark, "READY=1").is_some_and(|ready| ready > reloading),
+        "READY=1 comes after RELOADING=1, not before"
+    );
     let r = hub.post("/v1/messages", &big);
     assert_eq!(r.status, 200, "the new limit is in force: {}", r.text());
     let answered = poll
@@ -451,4 +555,250 @@ fn sigterm_during_a_burst_leaves_no_partial_files_and_exits_0() {
         500,
         "every message is in outbox/ or sent/"
     );
+}
+
+/// WATCHDOG_USEC for the watchdog tests: a ping every 200 ms.
+const FAST_WATCHDOG: &str = "400000";
+
+fn pings(lines: &[(Instant, String)]) -> usize {
+    lines.iter().filter(|(_, l)| l == "WATCHDOG=1").count()
+}
+
+#[test]
+fn watchdog_pings_go_on_while_the_loops_wait_longer_than_the_margin() {
+    // Every loop waits longer than MARGIN at a time here: a long-poll of 9 s (three HTTP
+    // timeouts), a hook of 7 s, the hook runner and the commit thread idle for the rest.
+    // None of that is being stuck.
+    const WINDOW: Duration = Duration::from_secs(16);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub_notes = Notifications::listen(&dir.path().join("hub.notify"));
+    let hub = Hub::start_with(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &hub_notes.socket()),
+            ("WATCHDOG_USEC", FAST_WATCHDOG),
+        ],
+    );
+    let agent_notes = Notifications::listen(&dir.path().join("agent.notify"));
+    let mut agent = Agent::new(&hub.url(), "patient")
+        .with_env("NOTIFY_SOCKET", &agent_notes.socket())
+        .with_env("WATCHDOG_USEC", FAST_WATCHDOG)
+        .with_env("MESYNC_HTTP_TIMEOUT", "3")
+        .with_env("MESYNC_HOOK_TIMEOUT", "30");
+    let hook = agent.dir("hooks").join("slow.job");
+    std::fs::write(&hook, "#!/bin/sh\ncat >/dev/null\nsleep 7\n").expect("write hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    agent.start();
+    agent_notes.wait_for(0, TIMEOUT, "the agent's READY=1", |n| find_in(n, "READY=1"));
+    let start = Instant::now();
+    agent.send("slow.job", "{}", &["--target", "patient"]);
+    wait_until(TIMEOUT + WINDOW, "the 7 s hook succeeded", || {
+        agent.logs.contains("hook succeeded")
+    });
+    for (who, notes) in [("agent", &agent_notes), ("hub", &hub_notes)] {
+        let lines = notes.wait_for(0, TIMEOUT + WINDOW, "a ping after the window", |n| {
+            n.iter()
+                .any(|(at, l)| l == "WATCHDOG=1" && at.duration_since(start) >= WINDOW)
+        });
+        let withheld: Vec<&String> = lines
+            .iter()
+            .map(|(_, l)| l)
+            .filter(|l| l.contains("withheld") || l.contains("stuck"))
+            .collect();
+        assert!(withheld.is_empty(), "{who}: no loop is stuck: {withheld:?}");
+        // 80 ticks in the window; a loaded machine may skip many, not nine in ten.
+        assert!(
+            pings(&lines) >= 8,
+            "{who}: pings kept coming: {}",
+            pings(&lines)
+        );
+    }
+    for (who, logs) in [("agent", &agent.logs), ("hub", &hub.logs)] {
+        assert!(!logs.contains("stuck since"), "{who} logs no stuck loop");
+    }
+}
+
+/// A small ext4 file system in a file, mounted over a directory: a disk that can be made to
+/// stop answering with `fsfreeze`, the way a failing disk or a hung network block device
+/// does (writers wait in uninterruptible sleep). Thawed and unmounted when dropped.
+struct LoopDisk {
+    dir: PathBuf,
+    _image: tempfile::TempDir,
+}
+
+impl LoopDisk {
+    fn mount(dir: &Path) -> Result<LoopDisk, String> {
+        let image_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let image = image_dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(64 << 20))
+            .map_err(|e| format!("cannot create a disk image: {e}"))?;
+        let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+            match cmd.stdout(Stdio::null()).stderr(Stdio::null()).status() {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("{what} failed ({s}); needs root and loop devices")),
+                Err(e) => Err(format!("{what} cannot be run: {e}")),
+            }
+        };
+        run(
+            Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image),
+            "mkfs.ext4",
+        )?;
+        run(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(dir),
+            "mount -o loop",
+        )?;
+        let disk = LoopDisk {
+            dir: dir.to_path_buf(),
+            _image: image_dir,
+        };
+        // Freezing needs fsfreeze (util-linux) and a file system that supports it.
+        disk.freeze_command("-f", "fsfreeze -f")?;
+        disk.freeze_command("-u", "fsfreeze -u")?;
+        Ok(disk)
+    }
+
+    fn freeze_command(&self, flag: &str, what: &str) -> Result<(), String> {
+        match Command::new("fsfreeze").arg(flag).arg(&self.dir).status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(format!("{what} failed ({s})")),
+            Err(e) => Err(format!("{what} cannot be run: {e}")),
+        }
+    }
+
+    fn freeze(&self) {
+        self.freeze_command("-f", "fsfreeze -f").expect("freeze");
+    }
+
+    fn thaw(&self) {
+        self.freeze_command("-u", "fsfreeze -u").expect("thaw");
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_hub_whose_disk_stops_answering_stops_its_watchdog_pings_until_the_disk_is_back() {
+    const TEST: &str = "a_hub_whose_disk_stops_answering_stops_its_watchdog_pings";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let notes = Notifications::listen(&dir.path().join("hub.notify"));
+    let mut hub = Hub::start_with(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &notes.socket()),
+            ("WATCHDOG_USEC", FAST_WATCHDOG),
+        ],
+    );
+    // The data dir moves to a disk of its own: stop the hub, mount, start it again. The
+    // disk is declared after the hub, so it is thawed before the hub is killed, even when
+    // the test fails.
+    hub.kill9();
+    let disk = match LoopDisk::mount(hub.data_dir()) {
+        Ok(disk) => disk,
+        Err(why) => return unavailable(TEST, &why),
+    };
+    let mark = notes.len();
+    hub.restart();
+    notes.wait_for(mark, TIMEOUT, "pings from the hub on its new disk", |n| {
+        find_in(n, "WATCHDOG=1")
+    });
+    // The sender is registered now, so that the message below goes straight to the commit
+    // thread (a first contact writes the host's file before anything else).
+    hub.post_message(&message(
+        "frozen.before",
+        "src",
+        Some("dst"),
+        "normal",
+        serde_json::json!({}),
+    ));
+
+    disk.freeze();
+    let frozen = Instant::now();
+    let mark = notes.len();
+    let addr = hub.addr().to_string();
+    let held = message(
+        "frozen.during",
+        "src",
+        Some("dst"),
+        "normal",
+        serde_json::json!({}),
+    );
+    let body = held.to_string().into_bytes();
+    let post = std::thread::spawn(move || {
+        let timeout = DISK_BOUND * 3;
+        http_request(&addr, "POST", "/v1/messages", Some(&body), timeout)
+    });
+
+    // The commit thread is stuck once it is MARGIN past its DISK_BOUND.
+    let stuck_line = "STATUS=commit thread stuck since";
+    let lines = notes.wait_for(
+        mark,
+        DISK_BOUND + MARGIN + TIMEOUT,
+        "a status line naming the stuck commit thread",
+        |n| find_in(n, stuck_line),
+    );
+    let first = find(&lines, mark, stuck_line).expect("stuck status");
+    assert!(
+        lines[first].0.duration_since(frozen) >= DISK_BOUND,
+        "not stuck before its bound: {:?} after the freeze",
+        lines[first].0.duration_since(frozen)
+    );
+    assert!(
+        lines[mark..first]
+            .iter()
+            .any(|(at, l)| l == "WATCHDOG=1" && at.duration_since(frozen) >= DISK_BOUND / 2),
+        "pings go on while the commit is within its bound"
+    );
+    assert!(
+        lines[first].1.contains("WATCHDOG=1 withheld"),
+        "{}",
+        lines[first].1
+    );
+    // Ten more report ticks: each says the thread is still stuck, none pings.
+    let lines = notes.wait_for(first, TIMEOUT, "ten more ticks while stuck", |n| {
+        n.iter().filter(|(_, l)| l.starts_with(stuck_line)).count() > 10
+    });
+    assert_eq!(
+        pings(&lines[first..]),
+        0,
+        "no WATCHDOG=1 while the commit thread is stuck"
+    );
+    let warnings = hub
+        .logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("commit thread stuck since"))
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("WATCHDOG=1 withheld"),
+        "{}",
+        warnings[0]
+    );
+
+    disk.thaw();
+    let mark = notes.len();
+    let answered = post
+        .join()
+        .expect("post thread")
+        .expect("the message held up by the disk is answered");
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    notes.wait_for(mark, TIMEOUT, "pings again once the disk is back", |n| {
+        find_in(n, "WATCHDOG=1")
+    });
+    wait_until(TIMEOUT, "the hub logs that the loop is going again", || {
+        hub.logs.contains("stuck loop is going again")
+    });
 }

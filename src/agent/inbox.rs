@@ -20,6 +20,8 @@ use super::backoff::Backoff;
 use super::ledger::Record;
 use crate::error::{IoContext, Result};
 use crate::message::Message;
+use crate::service::Heartbeat;
+use crate::service::liveness::DISK_BOUND;
 use crate::spool::Commit;
 
 /// How long one long-poll waits at the hub for a message: three HTTP timeouts (30 s by
@@ -34,12 +36,14 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// The puller loop.
-pub async fn run(agent: Arc<Agent>) {
+pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let host = agent.config().host_id.clone();
     loop {
         let wait = long_poll(agent.config().http_timeout);
         let client = agent.client();
+        // The hub holds the poll up to `wait`; the client gives up one timeout later.
+        heartbeat.busy_for(wait + client.timeout());
         let pulled = tokio::select! {
             pulled = client.pull(&host, wait, MAX_PULL) => pulled,
             // New connection settings: poll again with them.
@@ -55,7 +59,7 @@ pub async fn run(agent: Arc<Agent>) {
                 agent.hub_result(Err(err.to_string()));
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "cannot pull from the hub");
-                if sleep_or_shutdown(&agent, delay).await {
+                if sleep_or_shutdown(&agent, &heartbeat, delay).await {
                     return;
                 }
                 continue;
@@ -69,6 +73,7 @@ pub async fn run(agent: Arc<Agent>) {
         let worker = Arc::clone(&agent);
         let started = std::time::Instant::now();
         let count = values.len();
+        heartbeat.busy_for(DISK_BOUND);
         let delivered = tokio::task::spawn_blocking(move || deliver(&worker, values)).await;
         tracing::debug!(count, took = ?started.elapsed(), "pulled batch written");
         let ack_ids = match delivered {
@@ -76,7 +81,7 @@ pub async fn run(agent: Arc<Agent>) {
             Ok(Err(err)) => {
                 let delay = backoff.next_delay();
                 tracing::error!(%err, retry_in = ?delay, "cannot write the inbox; not acknowledging, the hub keeps the messages");
-                if sleep_or_shutdown(&agent, delay).await {
+                if sleep_or_shutdown(&agent, &heartbeat, delay).await {
                     return;
                 }
                 continue;
@@ -89,7 +94,9 @@ pub async fn run(agent: Arc<Agent>) {
         backoff.reset();
         agent.hooks_wake.notify_one();
         let started = std::time::Instant::now();
-        let acked = agent.client().ack(&host, &ack_ids).await;
+        let client = agent.client();
+        heartbeat.busy_for(client.timeout());
+        let acked = client.ack(&host, &ack_ids).await;
         tracing::debug!(took = ?started.elapsed(), "ack");
         if let Err(err) = acked {
             // The messages are durable here; the hub will offer them again and the ledger
@@ -100,7 +107,8 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 /// Sleeps; true when shutdown came first.
-async fn sleep_or_shutdown(agent: &Agent, delay: Duration) -> bool {
+async fn sleep_or_shutdown(agent: &Agent, heartbeat: &Heartbeat, delay: Duration) -> bool {
+    heartbeat.busy_for(delay);
     tokio::select! {
         _ = tokio::time::sleep(delay) => false,
         _ = agent.shutdown.cancelled() => true,

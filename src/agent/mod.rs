@@ -8,6 +8,9 @@
 //! - [`runner`]: runs the hooks of delivered messages one at a time, in delivery order;
 //! - housekeeping (here): purges `sent/` after `sent_ttl`, removes crash debris, writes the
 //!   status file that `mesync status` reads.
+//!
+//! The first three show on a [`service::Heartbeat`] that they are alive; under a systemd
+//! watchdog, WATCHDOG=1 is sent only while they are (see [`service::liveness`]).
 
 pub mod backoff;
 pub mod clock;
@@ -203,11 +206,25 @@ pub async fn run(
     );
     let _watcher = outbox::watch(&config.outbox_dir(), Arc::clone(&agent.outbox_events));
 
-    let sender = tokio::spawn(outbox::run(Arc::clone(&agent)));
-    let puller = tokio::spawn(inbox::run(Arc::clone(&agent)));
-    let hooks = tokio::spawn(runner::run(Arc::clone(&agent)));
+    // WATCHDOG=1 goes out only while the loops that move messages and run hooks are alive.
+    let liveness = service::Liveness::default();
+    let sender = tokio::spawn(outbox::run(
+        Arc::clone(&agent),
+        liveness.heartbeat("outbox sender"),
+    ));
+    let puller = tokio::spawn(inbox::run(
+        Arc::clone(&agent),
+        liveness.heartbeat("inbox puller"),
+    ));
+    let hooks = tokio::spawn(runner::run(
+        Arc::clone(&agent),
+        liveness.heartbeat("hook runner"),
+    ));
     let keeper = tokio::spawn(housekeeping(Arc::clone(&agent)));
-    let reporter = tokio::spawn(report_loop(Arc::clone(&agent)));
+    let reported = Arc::clone(&agent);
+    let reporter = tokio::spawn(service::report(liveness, shutdown.clone(), move || {
+        status_line(&reported)
+    }));
 
     loop {
         tokio::select! {
@@ -269,26 +286,6 @@ async fn housekeeping(agent: Arc<Agent>) {
             _ = agent.reloaded.notified() => {}
             _ = agent.shutdown.cancelled() => return,
         }
-    }
-}
-
-/// How often the status line is refreshed when there is no watchdog to keep pace with.
-const STATUS_EVERY: Duration = Duration::from_secs(10);
-
-/// Keeps the service manager informed: a status line, and WATCHDOG=1 at half the watchdog
-/// interval, from the runtime that runs every loop (a wedged runtime stops the pings).
-async fn report_loop(agent: Arc<Agent>) {
-    let watchdog = service::watchdog_interval();
-    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = agent.shutdown.cancelled() => return,
-        }
-        if watchdog.is_some() {
-            service::watchdog();
-        }
-        service::status(&status_line(&agent));
     }
 }
 

@@ -26,6 +26,8 @@ use crate::client::{HubError, is_transient_status};
 use crate::config::Config;
 use crate::error::{IoContext, Result};
 use crate::message::Message;
+use crate::service::Heartbeat;
+use crate::service::liveness::DISK_BOUND;
 use crate::spool;
 
 /// Most messages per POST.
@@ -139,7 +141,7 @@ pub fn watch(dir: &Path, events: Arc<OutboxEvents>) -> Option<notify::Recommende
 /// at the first pass, at least every `poll_interval`, and whenever the watcher lost track
 /// (reading a directory of thousands of files on every event would cost more than sending
 /// them).
-pub async fn run(agent: Arc<Agent>) {
+pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut known = Known::new();
     let mut last_full_scan: Option<Instant> = None;
@@ -155,7 +157,7 @@ pub async fn run(agent: Arc<Agent>) {
         } else {
             Some(events.take_names())
         };
-        let pass = send_pass(&agent, &mut known, names).await;
+        let pass = send_pass(&agent, &heartbeat, &mut known, names).await;
         let (wait, wake_early) = match pass {
             Pass::Done => {
                 backoff.reset();
@@ -172,6 +174,7 @@ pub async fn run(agent: Arc<Agent>) {
         if agent.shutdown.is_cancelled() {
             return;
         }
+        heartbeat.busy_for(wait);
         tokio::select! {
             _ = agent.outbox_events.wake.notified(), if wake_early => {}
             _ = agent.reloaded.notified(), if wake_early => {}
@@ -182,11 +185,17 @@ pub async fn run(agent: Arc<Agent>) {
 }
 
 /// Sends everything in the outbox now, batch by batch.
-async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<String>>) -> Pass {
+async fn send_pass(
+    agent: &Arc<Agent>,
+    heartbeat: &Heartbeat,
+    known: &mut Known,
+    names: Option<Vec<String>>,
+) -> Pass {
     let config = agent.config();
     let mut cache = std::mem::take(known);
+    let scanning = heartbeat.clone();
     let scanned = tokio::task::spawn_blocking(move || {
-        let soon = scan(&config, &mut cache, names);
+        let soon = scan(&config, &mut cache, names, &scanning);
         (cache, soon)
     })
     .await;
@@ -219,8 +228,9 @@ async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<Stri
         let (batch, tail) = rest.split_at(take);
         rest = tail;
         let mut answered = Filing::default();
-        let sent = send_batch(agent, batch, &mut answered).await;
+        let sent = send_batch(agent, heartbeat, batch, &mut answered).await;
         if let Some(previous) = filing.take() {
+            heartbeat.busy_for(DISK_BOUND);
             forget_filed(known, previous.await);
         }
         let config = agent.config();
@@ -231,6 +241,7 @@ async fn send_pass(agent: &Arc<Agent>, known: &mut Known, names: Option<Vec<Stri
         }
     }
     if let Some(last) = filing {
+        heartbeat.busy_for(DISK_BOUND);
         forget_filed(known, last.await);
     }
     result
@@ -309,11 +320,14 @@ fn batch_len(ready: &[Arc<Ready>]) -> usize {
 /// block the others.
 async fn send_batch(
     agent: &Arc<Agent>,
+    heartbeat: &Heartbeat,
     batch: &[Arc<Ready>],
     filing: &mut Filing,
 ) -> Result<(), HubError> {
     let body = batch_body(batch);
-    match agent.client().send(body).await {
+    let client = agent.client();
+    heartbeat.busy_for(client.timeout());
+    match client.send(body).await {
         Ok((status, reply)) => {
             agent.hub_result(Ok(()));
             let mut transient = None;
@@ -351,7 +365,13 @@ async fn send_batch(
         Err(err) if batch.len() > 1 => {
             tracing::warn!(%err, messages = batch.len(), "batch refused; sending its messages one by one");
             for item in batch {
-                Box::pin(send_batch(agent, std::slice::from_ref(item), filing)).await?;
+                Box::pin(send_batch(
+                    agent,
+                    heartbeat,
+                    std::slice::from_ref(item),
+                    filing,
+                ))
+                .await?;
             }
             Ok(())
         }
@@ -409,8 +429,15 @@ pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
 /// or, when `None`, every file of the directory, forgetting files that are gone. Returns
 /// whether a file is worth another look soon. Invalid files go to `failed/`; hand-dropped
 /// ones are completed in place.
-fn scan(config: &Config, known: &mut Known, names: Option<Vec<String>>) -> Result<bool> {
+fn scan(
+    config: &Config,
+    known: &mut Known,
+    names: Option<Vec<String>>,
+    heartbeat: &Heartbeat,
+) -> Result<bool> {
     let outbox = config.outbox_dir();
+    // Each file is a step of its own: a backlog of thousands takes as long as it takes.
+    heartbeat.busy_for(DISK_BOUND);
     let names = match names {
         Some(names) => names,
         None => {
@@ -425,12 +452,19 @@ fn scan(config: &Config, known: &mut Known, names: Option<Vec<String>>) -> Resul
         if known.contains_key(file) {
             continue;
         }
+        heartbeat.busy_for(DISK_BOUND);
         let path = outbox.join(file);
-        let bytes = match fs::read(&path) {
+        let bytes = match spool::read_regular(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
                 tracing::debug!(%file, "ignoring a directory in outbox/");
+                continue;
+            }
+            // A named pipe, a socket, a device: nothing to send, and reading one could hang
+            // the sender (a pipe without a writer) or never end (a device).
+            Err(e) if e.kind() == spool::NOT_REGULAR => {
+                move_to_failed(config, file, &e.to_string())?;
                 continue;
             }
             Err(e) => return Err(e).ctx("read", &path),

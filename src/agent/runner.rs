@@ -13,6 +13,8 @@ use super::backoff::Backoff;
 use super::ledger::{Delivery, Record};
 use crate::hooks::{HookRun, Outcome};
 use crate::message::Message;
+use crate::service::Heartbeat;
+use crate::service::liveness::DISK_BOUND;
 
 /// Attempts of a hook that keeps exiting 75 before its message is given up on.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -20,19 +22,21 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The runner loop.
-pub async fn run(agent: Arc<Agent>) {
+pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
     loop {
         if agent.shutdown.is_cancelled() {
             return;
         }
         let next = agent.ledger().next_hook();
         let Some((id, delivery)) = next else {
+            // No hook to run until the inbox loop delivers: alive however long that takes.
+            heartbeat.idle();
             tokio::select! {
                 _ = agent.hooks_wake.notified() => continue,
                 _ = agent.shutdown.cancelled() => return,
             }
         };
-        if !run_hook(&agent, id, &delivery).await {
+        if !run_hook(&agent, &heartbeat, id, &delivery).await {
             return;
         }
     }
@@ -40,10 +44,11 @@ pub async fn run(agent: Arc<Agent>) {
 
 /// Runs one message's hook to a final outcome (retrying exit 75). Returns false when
 /// shutdown interrupted a retry wait (the hook runs again after the restart).
-async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
+async fn run_hook(agent: &Agent, heartbeat: &Heartbeat, id: Uuid, delivery: &Delivery) -> bool {
+    heartbeat.busy_for(DISK_BOUND);
     let config = agent.config();
     let inbox_file = config.inbox_dir().join(&delivery.file);
-    let message = match std::fs::read(&inbox_file)
+    let message = match crate::spool::read_regular(&inbox_file)
         .map_err(|e| e.to_string())
         .and_then(|bytes| Message::parse(&bytes))
     {
@@ -72,12 +77,15 @@ async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
             timeout: config.hook_timeout,
             hook_user: config.hook_user.as_deref(),
         };
+        heartbeat.busy_for(DISK_BOUND);
         let path = run.path();
         if path.exists() {
             record(agent, Record::HookStarted { id, attempt });
             tracing::info!(%id, r#type = %message.kind, attempt, "hook started");
         }
+        heartbeat.busy_for(run.bound());
         let outcome = run.run().await;
+        heartbeat.busy_for(DISK_BOUND);
         let retry = outcome == Outcome::TempFail && attempt < MAX_ATTEMPTS;
         let described = match (&outcome, retry) {
             (Outcome::TempFail, false) => format!("tempfail: gave up after {attempt} attempts"),
@@ -90,6 +98,7 @@ async fn run_hook(agent: &Agent, id: Uuid, delivery: &Delivery) -> bool {
         }
         let delay = backoff.next_delay();
         tracing::info!(%id, retry_in = ?delay, "hook asked to be retried (exit 75)");
+        heartbeat.busy_for(delay);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = agent.shutdown.cancelled() => return false,

@@ -66,10 +66,11 @@ pub fn list(config: &Config, queue: Queue, json: bool) -> Result<()> {
     };
     for name in message_files(&dir)? {
         let path = dir.join(&name);
-        let Ok(bytes) = fs::read(&path) else {
-            continue; // Moved away meanwhile.
+        let parsed = match spool::read_regular(&path) {
+            Ok(bytes) => Message::parse(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // Moved away meanwhile.
+            Err(e) => Err(e.to_string()),
         };
-        let parsed = Message::parse(&bytes);
         let mut extra = Map::new();
         extra.insert("file".into(), json!(name));
         if let (Some(ledger), Ok(message)) = (&ledger, &parsed) {
@@ -142,7 +143,7 @@ pub fn retry(config: &Config, ids: &[String]) -> Result<()> {
     for name in message_files(&failed)? {
         let path = failed.join(&name);
         if !wanted.is_empty() {
-            let id = fs::read(&path)
+            let id = spool::read_regular(&path)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
                 .and_then(|v| {

@@ -84,9 +84,14 @@ pub async fn run(
     raise_fd_limit();
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
-    let store = tokio::task::spawn_blocking(move || FileStore::open(&data_dir, max_pending))
-        .await
-        .map_err(|e| Error::Invalid(format!("store start-up failed: {e}")))??;
+    // The commit thread is the one loop of the hub that can hang by itself (on a stuck
+    // disk); the report loop, on the runtime, answers for the rest.
+    let liveness = service::Liveness::default();
+    let heartbeat = liveness.heartbeat("commit thread");
+    let store =
+        tokio::task::spawn_blocking(move || FileStore::open(&data_dir, max_pending, heartbeat))
+            .await
+            .map_err(|e| Error::Invalid(format!("store start-up failed: {e}")))??;
     let tokens = auth::Tokens::load(&config.data_dir)?;
     let asks_certs = tls.as_ref().is_some_and(|tls| tls.asks_client_certs());
     if asks_certs {
@@ -130,7 +135,10 @@ pub async fn run(
     }
     let sweeper = tokio::spawn(expiry_loop(Arc::clone(&api), shutdown.clone()));
     service::ready(&status_line(&api.store));
-    let reporter = tokio::spawn(report_loop(Arc::clone(&api), shutdown.clone()));
+    let reported = Arc::clone(&api);
+    let reporter = tokio::spawn(service::report(liveness, shutdown.clone(), move || {
+        status_line(&reported.store)
+    }));
 
     loop {
         tokio::select! {
@@ -239,26 +247,6 @@ async fn apply_reload<S: Store>(
         data_dir: config.data_dir.clone(),
         ..new
     };
-}
-
-/// How often the status line is refreshed when there is no watchdog to keep pace with.
-const STATUS_EVERY: Duration = Duration::from_secs(10);
-
-/// Keeps the service manager informed: a status line, and WATCHDOG=1 at half the watchdog
-/// interval. It runs on the same runtime as the requests, so a wedged runtime stops it.
-async fn report_loop<S: Store>(api: Arc<Api<S>>, shutdown: CancellationToken) {
-    let watchdog = service::watchdog_interval();
-    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        if watchdog.is_some() {
-            service::watchdog();
-        }
-        service::status(&status_line(&api.store));
-    }
 }
 
 /// "12 hosts, 30 pending", for `systemctl status`.

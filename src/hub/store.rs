@@ -51,6 +51,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, IoContext, Result, is_storage_full};
 use crate::message::{Message, Priority, Timestamp, id_from_file_name};
+use crate::service::Heartbeat;
+use crate::service::liveness::DISK_BOUND;
 use crate::spool::{self, Commit};
 
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
@@ -249,8 +251,12 @@ struct HostRecord {
 
 impl FileStore {
     /// Opens (creating if needed) the store in `dir`, recovers its state from the files and
-    /// starts the commit thread.
-    pub fn open(dir: &Path, max_pending_per_host: usize) -> Result<FileStore> {
+    /// starts the commit thread, which shows it is alive on `heartbeat`.
+    pub fn open(
+        dir: &Path,
+        max_pending_per_host: usize,
+        heartbeat: Heartbeat,
+    ) -> Result<FileStore> {
         for sub in ["hosts", "queues", "staging", "spare"] {
             spool::ensure_dir(&dir.join(sub))?;
         }
@@ -282,7 +288,7 @@ impl FileStore {
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("mesync-commit".into())
-            .spawn(move || commit_loop(&thread_shared, &jobs))
+            .spawn(move || commit_loop(&thread_shared, &jobs, &heartbeat))
             .ctx("start the commit thread", dir)?;
         Ok(FileStore { shared, committer })
     }
@@ -742,8 +748,15 @@ fn unlink_all(paths: &[PathBuf]) {
 }
 
 /// The commit thread: takes every job waiting, commits them together, repeats.
-fn commit_loop(shared: &Shared, jobs: &mpsc::Receiver<CommitJob>) {
-    while let Ok(first) = jobs.recv() {
+fn commit_loop(shared: &Shared, jobs: &mpsc::Receiver<CommitJob>, heartbeat: &Heartbeat) {
+    loop {
+        // Waiting for messages is not being stuck, however long none come; a commit that
+        // does not end within DISK_BOUND is (a disk that stopped answering).
+        heartbeat.idle();
+        let Ok(first) = jobs.recv() else {
+            return;
+        };
+        heartbeat.busy_for(DISK_BOUND);
         let mut batch = vec![first];
         let mut count = batch[0].messages.len();
         while count < MAX_COMMIT_MESSAGES {

@@ -14,7 +14,7 @@ pub fn stopping() {}
 
 pub fn reloading() {}
 
-pub fn watchdog() {}
+pub fn watchdog(_text: &str) {}
 
 pub fn watchdog_interval() -> Option<Duration> {
     None

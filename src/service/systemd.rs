@@ -37,9 +37,9 @@ pub fn reloading() {
     send(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
 }
 
-/// WATCHDOG=1.
-pub fn watchdog() {
-    send(&[NotifyState::Watchdog]);
+/// WATCHDOG=1, with the status line in the same message.
+pub fn watchdog(text: &str) {
+    send(&[NotifyState::Watchdog, NotifyState::Status(text)]);
 }
 
 /// How often to send WATCHDOG=1: half the interval systemd set (`WATCHDOG_USEC`), so that
