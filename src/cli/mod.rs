@@ -27,7 +27,8 @@ use crate::{agent, demo, hub, service, shutdown, tls};
 #[command(
     after_help = "Try `mesync demo` to see a hub and three agents at work.\n\
 Environment: MESYNC_SERVER_URL, MESYNC_HOST_ID, MESYNC_BASE_DIR, MESYNC_CONFIG, \
-MESYNC_POLL_INTERVAL, MESYNC_SENT_TTL, MESYNC_HTTP_TIMEOUT, MESYNC_HOOK_TIMEOUT, RUST_LOG."
+MESYNC_POLL_INTERVAL, MESYNC_SENT_TTL, MESYNC_HTTP_TIMEOUT, MESYNC_HOOK_TIMEOUT, \
+MESYNC_HOOK_USER, MESYNC_TOKEN, MESYNC_LISTEN, MESYNC_HUB_DIR, RUST_LOG."
 )]
 pub struct Cli {
     /// Config file [default: $MESYNC_CONFIG, else $MESYNC_BASE_DIR/config.toml]
@@ -57,6 +58,13 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the hub: accept messages over HTTP and keep them until delivered.
+    #[command(after_help = "The config file's [hub] table: listen, data_dir, \
+max_message_bytes (1 MiB), max_pending_per_host (100000), max_connections (16384), \
+tls_cert and tls_key (HTTPS), client_ca (mutual TLS).\n\
+Signals: SIGHUP reads the config file, tokens and TLS files again without dropping \
+connections; SIGTERM or SIGINT drain the requests in flight and exit 0.\n\
+Open mode until `mesync token issue HOST` or client_ca: anyone who reaches the port may \
+act as any host.")]
     Serve {
         /// Address to listen on; repeat for several [default: $MESYNC_LISTEN, else 0.0.0.0:8080]
         #[arg(long, value_name = "ADDR")]
@@ -66,6 +74,12 @@ pub enum Command {
         data_dir: Option<PathBuf>,
     },
     /// Run the agent in the foreground: send outbox/, receive into inbox/, run hooks.
+    #[command(
+        after_help = "Hooks: BASE_DIR/hooks/<message type> runs once per delivered \
+message, with the message on stdin; exit 75 means \"try again later\".\n\
+Signals: SIGHUP reads the config file again; SIGTERM or SIGINT let a running hook finish \
+(up to 10 s) and exit 0."
+    )]
     Start {
         /// Hub URL [default: $MESYNC_SERVER_URL, else http://localhost:8080]
         #[arg(long, value_name = "URL")]
