@@ -6,189 +6,69 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesync::service::liveness::{DISK_BOUND, MARGIN};
 use support::*;
 
-/// Collects notifications from a NOTIFY_SOCKET until `done` says enough.
-fn collect(
-    socket: &UnixDatagram,
-    deadline: Duration,
-    mut done: impl FnMut(&[String]) -> bool,
-) -> Vec<String> {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("read timeout");
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while start.elapsed() < deadline && !done(&seen) {
-        if let Ok(n) = socket.recv(&mut buf) {
-            let text = String::from_utf8_lossy(&buf[..n]).to_string();
-            seen.extend(text.lines().map(str::to_string));
-        }
-    }
-    seen
-}
-
-fn has(seen: &[String], prefix: &str) -> bool {
-    seen.iter().any(|l| l.starts_with(prefix))
-}
-
-/// Every line sent to a NOTIFY_SOCKET, with when it came, read by a thread of its own as it
-/// comes: a sender that pings every 200 ms must never find the socket's queue full (it
-/// would block, as it would with a service manager that stopped reading).
-struct Notifications {
-    seen: Arc<Mutex<Vec<(Instant, String)>>>,
-    stop: Arc<AtomicBool>,
-    path: PathBuf,
-}
-
-impl Notifications {
-    fn listen(path: &Path) -> Notifications {
-        let socket = UnixDatagram::bind(path).expect("bind notify socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("read timeout");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (into, stopped) = (Arc::clone(&seen), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while !stopped.load(Ordering::Relaxed) {
-                if let Ok(n) = socket.recv(&mut buf) {
-                    let at = Instant::now();
-                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let mut seen = into.lock().unwrap_or_else(|p| p.into_inner());
-                    seen.extend(text.lines().map(|l| (at, l.to_string())));
-                }
-            }
-        });
-        Notifications {
-            seen,
-            stop,
-            path: path.to_path_buf(),
-        }
-    }
-
-    /// The value for NOTIFY_SOCKET.
-    fn socket(&self) -> String {
-        self.path.to_string_lossy().into_owned()
-    }
-
-    fn lines(&self) -> Vec<(Instant, String)> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn len(&self) -> usize {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Waits until `cond` holds for the lines from index `from` on; returns them all.
-    fn wait_for(
-        &self,
-        from: usize,
-        timeout: Duration,
-        what: &str,
-        mut cond: impl FnMut(&[(Instant, String)]) -> bool,
-    ) -> Vec<(Instant, String)> {
-        wait_until(timeout, what, || cond(&self.lines()[from..]));
-        self.lines()
-    }
-}
-
-impl Drop for Notifications {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if std::thread::panicking() {
-            eprintln!("----- notifications on {} -----", self.path.display());
-            for (_, line) in self.lines() {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-fn find_in(lines: &[(Instant, String)], prefix: &str) -> bool {
-    find(lines, 0, prefix).is_some()
-}
-
-/// The index of the first line at or after `from` that starts with `prefix`.
-fn find(lines: &[(Instant, String)], from: usize, prefix: &str) -> Option<usize> {
-    (from..lines.len()).find(|&i| lines[i].1.starts_with(prefix))
-}
-
 #[test]
 fn hub_and_agent_tell_the_service_manager_ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let hub_socket_path = dir.path().join("hub.notify");
-    let hub_socket = UnixDatagram::bind(&hub_socket_path).expect("bind notify socket");
-    let notify = hub_socket_path.to_string_lossy().to_string();
+    let hub_notes = Notifications::listen(&dir.path().join("hub.notify"));
     let mut hub = Hub::start_with(
         &[],
-        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "1000000")],
+        &[
+            ("NOTIFY_SOCKET", &hub_notes.socket()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
     );
-    let seen = collect(&hub_socket, TIMEOUT, |s| {
-        has(s, "READY=1") && has(s, "STATUS=") && has(s, "WATCHDOG=1")
-    });
-    assert!(has(&seen, "READY=1"), "hub READY: {seen:?}");
-    assert!(has(&seen, "STATUS="), "hub STATUS: {seen:?}");
-    assert!(
-        has(&seen, "WATCHDOG=1"),
-        "hub WATCHDOG with WATCHDOG_USEC set: {seen:?}"
-    );
-
-    let agent_socket_path = dir.path().join("agent.notify");
-    let agent_socket = UnixDatagram::bind(&agent_socket_path).expect("bind notify socket");
+    let agent_notes = Notifications::listen(&dir.path().join("agent.notify"));
     let mut agent = Agent::new(&hub.url(), "svc")
-        .with_env("NOTIFY_SOCKET", &agent_socket_path.to_string_lossy())
+        .with_env("NOTIFY_SOCKET", &agent_notes.socket())
         .with_env("WATCHDOG_USEC", "1000000");
     agent.start();
-    let seen = collect(&agent_socket, TIMEOUT, |s| {
-        has(s, "READY=1") && has(s, "STATUS=") && has(s, "WATCHDOG=1")
-    });
-    assert!(has(&seen, "READY=1"), "agent READY: {seen:?}");
-    assert!(has(&seen, "STATUS="), "agent STATUS: {seen:?}");
-    assert!(has(&seen, "WATCHDOG=1"), "agent WATCHDOG: {seen:?}");
+
+    for (who, notes) in [("hub", &hub_notes), ("agent", &agent_notes)] {
+        let ready = notes.wait_line(0, "READY=1", &format!("the {who}'s READY=1"));
+        notes.wait_line(ready, "WATCHDOG=1", &format!("the {who}'s WATCHDOG=1"));
+        // READY=1 comes with a first status line; a second one comes from the loop that
+        // keeps the status up to date.
+        notes.wait_for(0, TIMEOUT, &format!("the {who}'s status kept up"), |n| {
+            n.iter().filter(|(_, l)| l.starts_with("STATUS=")).count() >= 2
+        });
+    }
 
     let status = agent.stop();
     assert!(
         status.is_some_and(|s| s.success()),
         "the agent exits 0 on SIGTERM: {status:?}"
     );
-    let seen = collect(&agent_socket, Duration::from_secs(2), |s| {
-        has(s, "STOPPING=1")
-    });
-    assert!(has(&seen, "STOPPING=1"), "agent STOPPING: {seen:?}");
-
+    agent_notes.wait_line(0, "STOPPING=1", "the agent's STOPPING=1");
     let status = hub.stop();
     assert!(
         status.is_some_and(|s| s.success()),
         "the hub exits 0 on SIGTERM: {status:?}"
     );
-    let seen = collect(&hub_socket, Duration::from_secs(2), |s| {
-        has(s, "STOPPING=1")
-    });
-    assert!(has(&seen, "STOPPING=1"), "hub STOPPING: {seen:?}");
+    hub_notes.wait_line(0, "STOPPING=1", "the hub's STOPPING=1");
 }
 
 #[test]
 fn without_a_watchdog_there_is_no_watchdog_ping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("hub.notify");
-    let socket = UnixDatagram::bind(&path).expect("bind");
-    let _hub = Hub::start_with(&[], &[("NOTIFY_SOCKET", &path.to_string_lossy())]);
-    let seen = collect(&socket, Duration::from_secs(3), |_| false);
-    assert!(has(&seen, "READY=1"), "{seen:?}");
+    let notes = Notifications::listen(&dir.path().join("hub.notify"));
+    let _hub = Hub::start_with(&[], &[("NOTIFY_SOCKET", &notes.socket())]);
+    let ready = notes.wait_line(0, "READY=1", "the hub's READY=1");
+    // A ping would come every 0.5 s of WATCHDOG_USEC at the latest; none comes in 3 s.
+    let since = Instant::now();
+    wait_until(TIMEOUT, "3 s after READY=1", || {
+        since.elapsed() >= Duration::from_secs(3)
+    });
     assert!(
-        !has(&seen, "WATCHDOG=1"),
-        "no WATCHDOG_USEC, no pings: {seen:?}"
+        !notes.has(ready, "WATCHDOG=1"),
+        "no WATCHDOG_USEC, no pings: {:?}",
+        notes.lines()
     );
 }
 
@@ -284,30 +164,24 @@ fn ticks_in(agent: &Agent, window: Duration) -> usize {
 fn sighup_picks_up_a_changed_poll_interval_and_refuses_a_broken_config() {
     let hub = Hub::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let notify_path = dir.path().join("agent.notify");
-    let socket = UnixDatagram::bind(&notify_path).expect("bind");
+    let notes = Notifications::listen(&dir.path().join("agent.notify"));
     let mut agent = Agent::new(&hub.url(), "hup")
         .without_env("MESYNC_POLL_INTERVAL")
-        .with_env("NOTIFY_SOCKET", &notify_path.to_string_lossy());
+        .with_env("NOTIFY_SOCKET", &notes.socket());
     let config = agent.base().join("config.toml");
     std::fs::write(&config, "poll_interval = 60\n").expect("config");
     agent.start();
-    let seen = collect(&socket, TIMEOUT, |s| has(s, "READY=1"));
-    assert!(has(&seen, "READY=1"), "{seen:?}");
+    notes.wait_line(0, "READY=1", "the agent's READY=1");
     assert!(
         ticks_in(&agent, Duration::from_secs(2)) == 0,
         "no housekeeping tick within 2 s at poll_interval 60"
     );
 
     std::fs::write(&config, "poll_interval = 1\n").expect("config");
+    let mark = notes.len();
     hangup(agent.pid().expect("running"));
-    let seen = collect(&socket, TIMEOUT, |s| {
-        has(s, "RELOADING=1") && has(s, "READY=1")
-    });
-    assert!(
-        has(&seen, "RELOADING=1") && has(&seen, "READY=1"),
-        "{seen:?}"
-    );
+    let reloading = notes.wait_line(mark, "RELOADING=1", "RELOADING=1 on SIGHUP");
+    notes.wait_line(reloading, "READY=1", "READY=1 after the reload");
     assert!(
         ticks_in(&agent, Duration::from_secs(4)) >= 2,
         "poll_interval 1 is in force after SIGHUP"

@@ -19,12 +19,9 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::*;
@@ -362,9 +359,7 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
         })
         .collect();
 
-    let notify_path = dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).expect("bind the notify socket");
-    let notes = Notes::collect(notify);
+    let notes = Notifications::listen(&dir.path().join("notify"));
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local_addr").to_string();
@@ -403,7 +398,7 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
     }
     cmd.env("STATE_DIRECTORY", &state)
         .env("LISTEN_FDS", "1")
-        .env("NOTIFY_SOCKET", &notify_path)
+        .env("NOTIFY_SOCKET", notes.socket())
         .env("WATCHDOG_USEC", "200000")
         .stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(Stdio::null())
@@ -421,7 +416,7 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
         text
     });
 
-    notes.wait_for("READY=1", 0, "the hub's READY=1");
+    notes.wait_line(0, "READY=1", "the hub's READY=1");
     let hub = |method: &str, path: &str, body: Option<&Value>| {
         let body = body.map(|b| b.to_string().into_bytes());
         let r = http_request(&addr, method, path, body.as_deref(), TIMEOUT)
@@ -457,7 +452,7 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
     hub("GET", "/metrics", None);
     hub("GET", "/v1/hosts", None);
     hub("DELETE", "/v1/hosts/alpha", None);
-    notes.wait_for("WATCHDOG=1", 0, "a WATCHDOG=1 ping");
+    notes.wait_line(0, "WATCHDOG=1", "a WATCHDOG=1 ping");
 
     let cmdline: Vec<&str> = cmdline.iter().map(String::as_str).collect();
     let pids = pids_with_cmdline(&cmdline);
@@ -465,8 +460,8 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
     let pid = pids[0];
     let before = notes.len();
     signal(pid, "HUP");
-    notes.wait_for("RELOADING=1", before, "RELOADING=1 after SIGHUP");
-    notes.wait_for("READY=1", before, "READY=1 after the reload");
+    let reloading = notes.wait_line(before, "RELOADING=1", "RELOADING=1 after SIGHUP");
+    notes.wait_line(reloading, "READY=1", "READY=1 after the reload");
     hub("GET", "/healthz", None);
     signal(pid, "TERM");
     let status = guard.0.wait().expect("wait for strace");
@@ -511,44 +506,6 @@ fn system_calls_after_exec(trace: &str, bin: &str) -> BTreeSet<String> {
             (!name.is_empty() && rest[name.len()..].starts_with('(')).then_some(name)
         })
         .collect()
-}
-
-/// The sd_notify datagrams the hub sent, in order.
-#[derive(Clone)]
-struct Notes(Arc<Mutex<Vec<String>>>);
-
-impl Notes {
-    fn collect(socket: UnixDatagram) -> Notes {
-        let notes = Notes(Arc::default());
-        let sink = notes.clone();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("read timeout");
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            // Ends when the test (and so the Arc's other owner) is gone.
-            while Arc::strong_count(&sink.0) > 1 {
-                if let Ok(n) = socket.recv(&mut buf) {
-                    let note = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    sink.0.lock().unwrap().push(note);
-                }
-            }
-        });
-        notes
-    }
-
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
-    /// Waits until a datagram from index `from` on has the line `line`.
-    fn wait_for(&self, line: &str, from: usize, what: &str) {
-        wait_until(TIMEOUT, what, || {
-            self.0.lock().unwrap()[from..]
-                .iter()
-                .any(|note| note.lines().any(|l| l == line))
-        });
-    }
 }
 
 // ---------------------------------------------------------------------------------------

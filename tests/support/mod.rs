@@ -11,6 +11,10 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+mod notify;
+#[allow(unused_imports)]
+pub use notify::{Notifications, find, find_in};
+
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs;
