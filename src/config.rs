@@ -29,6 +29,8 @@ impl Defaults {
     const LISTEN: &'static str = "0.0.0.0:8080";
     const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
     const MAX_PENDING_PER_HOST: u64 = 100_000;
+    /// The longest duration setting accepted: ten years.
+    const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
     /// Room for a few thousand agents, each with a long-poll and a connection for sending,
     /// in about 300 MiB.
     const MAX_CONNECTIONS: u64 = 16_384;
@@ -168,17 +170,23 @@ impl Config {
         validate_name("host id", &host_id).map_err(Error::Config)?;
 
         let duration = |key: &str, env_key: &str, from_file: Option<DurationValue>, default| {
-            match env(env_key) {
-                Some(text) => {
-                    parse_duration(&text).map_err(|e| Error::Config(format!("{env_key}: {e}")))
-                }
+            let (name, value) = match env(env_key) {
+                Some(text) => (env_key, parse_duration(&text)),
                 None => match from_file {
-                    Some(value) => value
-                        .resolve()
-                        .map_err(|e| Error::Config(format!("{key}: {e}"))),
-                    None => Ok(default),
+                    Some(value) => (key, value.resolve()),
+                    None => (key, Ok(default)),
                 },
-            }
+            };
+            // Deadlines are computed from these by addition: a bound keeps that from
+            // overflowing, far beyond any sensible setting.
+            let value = value.and_then(|d| {
+                if d > Defaults::MAX_DURATION {
+                    Err("at most 3650 days".to_string())
+                } else {
+                    Ok(d)
+                }
+            });
+            value.map_err(|e| Error::Config(format!("{name}: {e}")))
         };
         let poll_interval = duration(
             "poll_interval",
@@ -556,6 +564,24 @@ mod tests {
         assert!(load(&[("MESYNC_HOST_ID", "a/b")], None).is_err());
         assert!(load(&[("MESYNC_LISTEN", "nowhere")], None).is_err());
         assert!(load(&[], Some("sent_ttl = -1\n")).is_err());
+    }
+
+    #[test]
+    fn durations_beyond_ten_years_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let overrides = Overrides {
+            base_dir: Some(tmp.path().to_path_buf()),
+            host_id: Some("h".into()),
+            ..Overrides::default()
+        };
+        let env =
+            |key: &str| (key == "MESYNC_POLL_INTERVAL").then(|| "18446744073709551615".to_string());
+        let err = Config::load_with(&overrides, env).expect_err("a poll_interval of 2^64 s");
+        assert!(
+            err.to_string()
+                .contains("MESYNC_POLL_INTERVAL: at most 3650 days"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl HookRun<'_> {
     /// The longest [`HookRun::run`] takes: the timeout, then the grace before SIGKILL, or
     /// the waits for the input and the output of a hook that exited.
     pub fn bound(&self) -> Duration {
-        self.timeout + KILL_GRACE.max(OUTPUT_WAIT * 3)
+        self.timeout.saturating_add(KILL_GRACE.max(OUTPUT_WAIT * 3))
     }
 
     /// Runs the hook, if there is one, and reports how it ended.

@@ -28,7 +28,9 @@ use crate::spool::Commit;
 /// default), at most the hub's limit. A connection that went silent (a peer gone without
 /// a FIN) is given up after this plus one HTTP timeout.
 fn long_poll(http_timeout: Duration) -> Duration {
-    (http_timeout * 3).clamp(Duration::from_secs(1), crate::hub::api::MAX_WAIT)
+    http_timeout
+        .saturating_mul(3)
+        .clamp(Duration::from_secs(1), crate::hub::api::MAX_WAIT)
 }
 /// Most messages per pull.
 const MAX_PULL: usize = 1000;
@@ -43,7 +45,7 @@ pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
         let wait = long_poll(agent.config().http_timeout);
         let client = agent.client();
         // The hub holds the poll up to `wait`; the client gives up one timeout later.
-        heartbeat.busy_for(wait + client.timeout());
+        heartbeat.busy_for(wait.saturating_add(client.timeout()));
         let pulled = tokio::select! {
             pulled = client.pull(&host, wait, MAX_PULL) => pulled,
             // New connection settings: poll again with them.

@@ -80,7 +80,6 @@ pub async fn run(
         .map(ServerTls::load)
         .transpose()?
         .map(Arc::new);
-    let mut config = config.clone();
     raise_fd_limit();
     let data_dir = config.data_dir.clone();
     let max_pending = usize::try_from(config.max_pending_per_host).unwrap_or(usize::MAX);
@@ -145,7 +144,7 @@ pub async fn run(
             reload = async { reloads.as_mut()?.recv().await }, if reloads.is_some() => match reload {
                 Some(new) => {
                     service::reloading();
-                    apply_reload(&api, tls.as_ref(), &mut config, new).await;
+                    apply_reload(&api, tls.as_ref(), config, new).await;
                     service::ready(&status_line(&api.store));
                 }
                 None => reloads = None,
@@ -200,7 +199,7 @@ fn server_files(config: &HubConfig) -> Result<Option<ServerFiles>> {
 async fn apply_reload<S: Store>(
     api: &Api<S>,
     tls: Option<&Arc<ServerTls>>,
-    config: &mut HubConfig,
+    config: &HubConfig,
     new: HubConfig,
 ) {
     api.tokens.reload();
@@ -242,11 +241,6 @@ async fn apply_reload<S: Store>(
         max_connections = new.max_connections,
         "configuration reloaded"
     );
-    *config = HubConfig {
-        listen: config.listen.clone(),
-        data_dir: config.data_dir.clone(),
-        ..new
-    };
 }
 
 /// "12 hosts, 30 pending", for `systemctl status`.

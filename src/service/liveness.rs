@@ -96,9 +96,10 @@ impl Heartbeat {
     /// About to do something that ends, or to sleep, within `bound`.
     pub fn busy_for(&self, bound: Duration) {
         let now = Instant::now();
-        self.set(State::Busy {
-            since: now,
-            due: now + bound,
+        // A bound too far away to compute is as good as none: idle.
+        self.set(match now.checked_add(bound) {
+            Some(due) => State::Busy { since: now, due },
+            None => State::Idle,
         });
     }
 

@@ -253,7 +253,6 @@ impl Ca {
                 dir.display()
             )));
         }
-        let pem = fs::read_to_string(&cert_path).ctx("read", &cert_path)?;
         let key = fs::read_to_string(&key_path).ctx("read", &key_path)?;
         let key = KeyPair::from_pem(&key)
             .map_err(|e| Error::Config(format!("{}: {e}", key_path.display())))?;
@@ -268,7 +267,7 @@ impl Ca {
             )));
         }
         let not_after = cert.validity().not_after.to_datetime();
-        let issuer = Issuer::from_ca_cert_pem(&pem, key)
+        let issuer = Issuer::from_ca_cert_der(&der[0], key)
             .map_err(|e| Error::Config(format!("{}: {e}", cert_path.display())))?;
         Ok(Ca { issuer, not_after })
     }
@@ -276,6 +275,13 @@ impl Ca {
     /// Signs `params` with a new key, valid from yesterday (a clock a little behind still
     /// accepts it) for `days` days, but never beyond the CA itself.
     fn sign(&self, mut params: CertificateParams, days: u32) -> Result<(KeyPair, Certificate)> {
+        // A certificate bounded by an expired CA could never be valid.
+        if self.not_after <= day(0) {
+            return Err(Error::Config(format!(
+                "the CA expired on {}; make a new one with `mesync tls init` in another directory",
+                self.not_after.date()
+            )));
+        }
         params.not_before = day(-1);
         params.not_after = day(i64::from(days)).min(self.not_after);
         params.use_authority_key_identifier_extension = true;
@@ -375,6 +381,18 @@ mod tests {
         let ca_expiry = std::time::UNIX_EPOCH
             + std::time::Duration::from_secs(ca.not_after.unix_timestamp() as u64);
         assert!(expiry <= ca_expiry, "a certificate never outlives its CA");
+    }
+
+    #[test]
+    fn an_expired_ca_signs_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = dir.path().join("tls");
+        init(&tls, &[], 30).expect("init");
+        let mut ca = Ca::load(&tls).expect("ca");
+        ca.not_after = day(-1);
+        let params = CertificateParams::new(vec!["web-1".to_string()]).expect("params");
+        let err = ca.sign(params, 30).expect_err("an expired CA");
+        assert!(err.to_string().contains("the CA expired"), "{err}");
     }
 
     #[test]

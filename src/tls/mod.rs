@@ -77,7 +77,8 @@ pub struct ServerFiles {
 /// The hub's TLS configuration, replaced whole on reload (SIGHUP) so that renewed
 /// certificates take effect without dropping connections.
 pub struct ServerTls {
-    files: RwLock<ServerFiles>,
+    /// Fixed at start-up: a reload may not turn client certificates on or off.
+    asks_client_certs: bool,
     current: RwLock<Arc<Generation>>,
 }
 
@@ -93,7 +94,7 @@ impl ServerTls {
     pub fn load(files: ServerFiles) -> Result<ServerTls> {
         let generation = Generation::load(&files)?;
         Ok(ServerTls {
-            files: RwLock::new(files),
+            asks_client_certs: files.client_ca.is_some(),
             current: RwLock::new(Arc::new(generation)),
         })
     }
@@ -109,7 +110,6 @@ impl ServerTls {
             ));
         }
         let next = Arc::new(Generation::load(&files)?);
-        *self.files.write().unwrap_or_else(|p| p.into_inner()) = files;
         let previous = std::mem::replace(
             &mut *self.current.write().unwrap_or_else(|p| p.into_inner()),
             next,
@@ -125,11 +125,7 @@ impl ServerTls {
 
     /// True when callers are identified by client certificates.
     pub fn asks_client_certs(&self) -> bool {
-        self.files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .client_ca
-            .is_some()
+        self.asks_client_certs
     }
 }
 
@@ -209,7 +205,7 @@ fn server_config(
 /// The agent's TLS files, as configured.
 #[derive(Debug, Clone, Default)]
 pub struct ClientFiles {
-    /// CAs trusted besides the system's.
+    /// CAs trusted instead of the system's.
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
