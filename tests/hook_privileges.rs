@@ -131,7 +131,18 @@ fn a_root_agent_runs_hooks_as_their_owner_or_hook_user_and_refuses_loose_ones() 
         owner.starts_with(&format!("{NOBODY} {NOBODY} nobody")),
         "a hook owned by nobody runs as nobody, with nobody's environment: {owner:?}"
     );
-    // Root's supplementary groups are not kept: the hook has exactly nobody's.
+    // The agent really holds group 4...
+    let status = fs::read_to_string(format!("/proc/{}/status", rx.pid().expect("running")))
+        .expect("the agent's /proc status");
+    let groups = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .unwrap_or_default();
+    assert!(
+        groups.split_whitespace().any(|g| g == "4"),
+        "the agent runs with group 4: {groups:?}"
+    );
+    // ...and root's supplementary groups are not kept: the hook has exactly nobody's.
     assert_eq!(
         groups_seen(out.path(), &by_owner),
         groups_of("nobody"),
@@ -150,8 +161,14 @@ fn a_root_agent_runs_hooks_as_their_owner_or_hook_user_and_refuses_loose_ones() 
         );
         assert!(rx.has(refused), "its message stays delivered");
     }
-    assert!(rx.logs.contains("writable by group or others (mode 757)"));
-    assert!(rx.logs.contains("writable by group or others (mode 775)"));
+    for mode in ["757", "775"] {
+        let said = format!("writable by group or others (mode {mode})");
+        wait_until(
+            TIMEOUT,
+            &format!("the refusal of mode {mode} is logged"),
+            || rx.logs.contains(&said),
+        );
+    }
 }
 
 #[test]
@@ -227,10 +244,9 @@ fn a_non_root_agent_runs_its_own_hooks_as_itself() {
         seen(out.path(), &foreign).is_empty(),
         "another user's hook did not run"
     );
-    assert!(
-        rx.logs.contains("owned by uid 1, neither root"),
-        "the refusal is logged"
-    );
+    wait_until(TIMEOUT, "the refusal is logged", || {
+        rx.logs.contains("owned by uid 1, neither root")
+    });
     let inbox_file = rx.inbox_entry(&id).expect("delivered").0;
     let meta = fs::metadata(rx.dir("inbox").join(inbox_file)).expect("inbox file");
     assert_eq!(

@@ -165,7 +165,23 @@ fn connections_past_max_connections_are_closed_at_once_and_counted() {
     wait_until(TIMEOUT, "the idle connection is counted", || {
         metrics(&hub).and_then(|m| metric(&m, "mesync_connections_open")) == Some(2)
     });
-    let second = TcpStream::connect(hub.addr()).expect("connect");
+    // The second slot frees once the hub has seen the metrics request's connection close;
+    // until then a new connection may be turned away, so try until one is held open.
+    let mut second = None;
+    wait_until(TIMEOUT, "a second idle connection is held open", || {
+        let stream = TcpStream::connect(hub.addr()).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let held = matches!(
+            (&stream).read(&mut [0u8; 1]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        );
+        if held {
+            second = Some(stream);
+        }
+        held
+    });
 
     // With both slots held, a new connection is closed without an answer, and at once:
     // not left waiting for the header timeout.

@@ -392,6 +392,7 @@ fn a_new_client_ca_cuts_off_connected_hosts_it_no_longer_trusts() {
     // web-1's long-poll is open. The operator now trusts only the other CA.
     fs::copy(other.ca_cert(), &client_ca).expect("switch the client CA");
     let mark = hub.logs.len();
+    let web1_mark = web1.logs.len();
     hangup(hub.pid().expect("hub pid"));
     wait_until(TIMEOUT, "the hub cuts web-1's connection", || {
         hub.logs.lines()[mark..]
@@ -405,9 +406,8 @@ fn a_new_client_ca_cuts_off_connected_hosts_it_no_longer_trusts() {
     let msg = message("tls.cut", "web-2", Some("web-1"), "normal", json!({}));
     let r = post(&hub, &web2, "/v1/messages", &msg);
     assert_eq!(r.status, 200, "a host of the new CA sends: {}", r.text());
-    let mark = web1.logs.len();
     wait_until(TIMEOUT, "web-1 is refused when it reconnects", || {
-        web1.logs.lines()[mark..]
+        web1.logs.lines()[web1_mark..]
             .iter()
             .any(|l| l.contains("cannot pull from the hub"))
     });

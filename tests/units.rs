@@ -379,16 +379,8 @@ fn trace_hub(unit: &str) -> BTreeSet<String> {
             BIN,
         ])
         .args(&args);
-    for (key, _) in std::env::vars_os() {
-        if let Some(key) = key.to_str()
-            && (key.starts_with("MESYNC_")
-                || key.starts_with("LISTEN_")
-                || key.starts_with("WATCHDOG_")
-                || ["RUST_LOG", "JOURNAL_STREAM", "NOTIFY_SOCKET", "HOME"].contains(&key))
-        {
-            cmd.env_remove(key);
-        }
-    }
+    mesync::service::clear_inherited_settings(&mut cmd);
+    cmd.env_remove("HOME");
     for value in values(unit, "Environment") {
         // /var/lib/mesync is the unit's $STATE_DIRECTORY.
         let value = value.replace("/var/lib/mesync", &state.display().to_string());

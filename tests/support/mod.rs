@@ -315,11 +315,6 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Sends SIGTERM, waits up to `grace` for the exit, then SIGKILL.
-fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
-    signal_and_wait(child, "TERM", grace)
-}
-
 /// Sends `signal` (a name for kill(1): TERM, INT, ...) and waits up to `grace` for the
 /// exit; then SIGKILL, and `None`.
 fn signal_and_wait(child: &mut Child, signal: &str, grace: Duration) -> Option<ExitStatus> {
