@@ -126,13 +126,10 @@ fn field<'a>(record: &'a Record, key: &str) -> &'a str {
 
 #[test]
 fn hub_and_agent_log_structured_records_to_the_journal() {
+    // A running journald owns the socket this test binds: a skip, and a failure under
+    // MESYNC_REQUIRE_TOOLS=1 (CI machines run none).
     let journal = match FakeJournal::bind() {
         Ok(journal) => journal,
-        // A running journald is no missing tool: this test only needs its socket path.
-        Err(why) if why.contains("journald is running") => {
-            eprintln!("SKIPPED journal: {why}");
-            return;
-        }
         Err(why) => return unavailable("journal", &why),
     };
     let mut records = Vec::new();
