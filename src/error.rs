@@ -3,6 +3,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::shortage::Resource;
+
 /// Errors that reach a user: the CLI prints them on one line and exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,21 +52,25 @@ impl Error {
         }
     }
 
-    /// True when the failure means the file system is out of space or quota.
-    pub fn is_storage_full(&self) -> bool {
+    /// The scarce resource (space, inodes, quota, a writable file system, file descriptors)
+    /// whose lack made this fail, if that is what happened: such a failure passes once the
+    /// resource returns, so it is retried, never treated as a bad message.
+    pub fn shortage(&self) -> Option<Resource> {
         match self {
-            Error::Io { source, .. } => is_storage_full(source),
-            _ => false,
+            Error::Io { source, path, .. } => Resource::of(source, path),
+            _ => None,
         }
     }
-}
 
-/// True for ENOSPC and EDQUOT: the disk (or the user's quota) is full.
-pub fn is_storage_full(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-    )
+    /// The directory a file system failure happened in: the path itself when it is one,
+    /// else its parent.
+    pub fn dir(&self) -> Option<PathBuf> {
+        match self {
+            Error::Io { path, .. } if path.is_dir() => Some(path.clone()),
+            Error::Io { path, .. } => path.parent().map(Path::to_path_buf),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

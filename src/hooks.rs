@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 use crate::message::Message;
+use crate::shortage::Resource;
 
 /// Exit status meaning "try again later" (sysexits.h EX_TEMPFAIL).
 pub const EX_TEMPFAIL: i32 = 75;
@@ -45,6 +46,9 @@ pub enum Outcome {
     Refused(String),
     /// It could not be started.
     SpawnError(String),
+    /// It could not be started for want of a resource (descriptors for its pipes): not an
+    /// outcome of the hook, which is started again once the resource returns.
+    Short(Resource),
 }
 
 impl Outcome {
@@ -59,6 +63,7 @@ impl Outcome {
             Outcome::TimedOut => "timeout".into(),
             Outcome::Refused(why) => format!("refused: {why}"),
             Outcome::SpawnError(why) => format!("error: {why}"),
+            Outcome::Short(resource) => format!("not started: {}", resource.describe()),
         }
     }
 }
@@ -114,7 +119,10 @@ impl HookRun<'_> {
         identity.apply(&mut command);
         let mut child = match command.spawn() {
             Ok(child) => child,
-            Err(e) => return Outcome::SpawnError(e.to_string()),
+            Err(e) => match Resource::of(&e, self.hooks_dir) {
+                Some(resource) => return Outcome::Short(resource),
+                None => return Outcome::SpawnError(e.to_string()),
+            },
         };
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
 

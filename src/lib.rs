@@ -15,7 +15,8 @@
 //! - [`agent`]: `mesync start`: outbox → hub, hub → inbox, hook runner, housekeeping.
 //! - [`hooks`]: running one hook: environment, stdin, timeout, loose-file checks.
 //! - [`cli`]: the commands; [`demo`]: `mesync demo`; [`shutdown`]: signals.
-//! - [`error`]: the error type.
+//! - [`error`]: the error type; [`shortage`]: telling a lack of space, inodes, quota, a
+//!   writable file system or file descriptors from other failures, and tracking it.
 
 pub mod agent;
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod hooks;
 pub mod hub;
 pub mod message;
 pub mod service;
+pub mod shortage;
 pub mod shutdown;
 pub mod spool;
 pub mod tls;

@@ -35,8 +35,9 @@ pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
 pub struct Commit {
     /// Permission bits new files are created with (before the umask).
     mode: u32,
-    /// Files whose data must be durable (kept open to fsync them).
-    files: Vec<(PathBuf, File)>,
+    /// Files whose data must be durable, with their descriptor while it may be needed to
+    /// fsync them (see [`Commit::release_handles`]).
+    files: Vec<(PathBuf, Option<File>)>,
     /// How many of `files` are durable already.
     synced_files: usize,
     /// Directories whose entries changed.
@@ -102,15 +103,29 @@ impl Commit {
             let _ = fs::remove_file(&path);
             return Err(e).ctx("write", &path);
         }
-        self.files.push((path.clone(), file));
+        self.files.push((path.clone(), Some(file)));
+        self.release_handles();
         Ok(path)
     }
 
     /// Adds an already written file (e.g. an append-only log) whose data must be durable.
     pub fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).ctx("open", path)?;
-        self.files.push((path.to_path_buf(), file));
+        self.files.push((path.to_path_buf(), Some(file)));
+        self.release_handles();
         Ok(())
+    }
+
+    /// Closes the descriptors of files that will be made durable by `syncfs` (more than
+    /// [`SYNCFS_THRESHOLD`] pending), which needs none of them: a commit of thousands of
+    /// files must not hold thousands of descriptors, or it fails for want of them (EMFILE)
+    /// where a smaller one would pass.
+    fn release_handles(&mut self) {
+        if cfg!(target_os = "linux") && self.files.len() - self.synced_files > SYNCFS_THRESHOLD {
+            for (_, handle) in &mut self.files[self.synced_files..] {
+                *handle = None;
+            }
+        }
     }
 
     /// Records that entries of `dir` changed (a rename, link or new file in it).
@@ -126,7 +141,7 @@ impl Commit {
             syncfs_each(&parents)?;
         } else {
             for (path, file) in pending {
-                file.sync_data().ctx("fsync", path)?;
+                fsync_data(path, file.as_ref())?;
             }
         }
         self.synced_files = self.files.len();
@@ -143,7 +158,7 @@ impl Commit {
             syncfs_each(&places)?;
         } else {
             for (path, file) in pending {
-                file.sync_data().ctx("fsync", path)?;
+                fsync_data(path, file.as_ref())?;
             }
             for dir in &self.dirs {
                 sync_dir(dir)?;
@@ -152,6 +167,16 @@ impl Commit {
         self.synced_files = self.files.len();
         self.dirs.clear();
         Ok(())
+    }
+}
+
+/// fsync(2)'s data part on `path`, through `file` when it is still open.
+fn fsync_data(path: &Path, file: Option<&File>) -> Result<()> {
+    match file {
+        Some(file) => file.sync_data().ctx("fsync", path),
+        None => File::open(path)
+            .and_then(|f| f.sync_data())
+            .ctx("fsync", path),
     }
 }
 
@@ -348,7 +373,8 @@ fn temp_name(name: &str) -> String {
     format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple())
 }
 
-fn remove_all(paths: &[PathBuf]) {
+/// Removes files, ignoring those already gone: undoing a write that failed.
+pub fn remove_all(paths: &[PathBuf]) {
     for path in paths {
         let _ = fs::remove_file(path);
     }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::HubClient;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::shortage::{Resource, Shortages};
 use crate::{service, spool};
 use clock::{ClockWatch, wall_seconds};
 use ledger::Ledger;
@@ -56,6 +57,8 @@ pub struct Agent {
     /// What the file watcher saw in `outbox/`.
     pub outbox_events: Arc<outbox::OutboxEvents>,
     pub status: Mutex<Status>,
+    /// Directories short of a resource now; shown by `mesync status`.
+    pub shortages: Shortages,
     pub shutdown: CancellationToken,
 }
 
@@ -75,6 +78,26 @@ impl Agent {
 
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that `dir` is short of `resource` (logged once), for `mesync status`.
+    pub fn note_shortage(&self, dir: &Path, resource: Resource, what: &str) {
+        if self.shortages.report(dir, resource, what) {
+            self.save_shortages();
+        }
+    }
+
+    /// Notes that writing in `dir` works again.
+    pub fn clear_shortage(&self, dir: &Path) {
+        if self.shortages.clear(dir) {
+            self.save_shortages();
+        }
+    }
+
+    fn save_shortages(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.shortages = self.shortages.current();
+        status.save(&self.config().state_dir());
     }
 
     /// Records the outcome of an exchange with the hub for `mesync status`.
@@ -194,6 +217,7 @@ pub async fn run(
         hooks_wake: Notify::new(),
         outbox_events: Arc::default(),
         status: Mutex::new(status),
+        shortages: Shortages::default(),
         shutdown: shutdown.clone(),
         config: RwLock::new(Arc::new(config)),
     });

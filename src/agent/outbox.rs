@@ -194,20 +194,23 @@ async fn send_pass(
     let config = agent.config();
     let mut cache = std::mem::take(known);
     let scanning = heartbeat.clone();
+    let full = names.is_none();
     let scanned = tokio::task::spawn_blocking(move || {
         let soon = scan(&config, &mut cache, names, &scanning);
         (cache, soon)
     })
     .await;
     let soon = match scanned {
-        Ok((cache, Ok(soon))) => {
+        Ok((cache, Ok((soon, deferred)))) => {
             *known = cache;
-            soon
+            note_deferred(agent, &deferred, full);
+            // What was read is sent all the same; the rest is looked at again soon.
+            soon || !deferred.is_empty()
         }
         Ok((cache, Err(err))) => {
             *known = cache;
-            tracing::error!(%err, "cannot read outbox/");
-            return Pass::Soon;
+            note_deferred(agent, std::slice::from_ref(&err), false);
+            true
         }
         Err(err) => {
             tracing::error!(%err, "outbox scan failed");
@@ -245,6 +248,30 @@ async fn send_pass(
         forget_filed(known, last.await);
     }
     result
+}
+
+/// Reports what a scan left for later: a shortage once per directory, anything else each
+/// time. A full scan that left nothing ends the shortages of `outbox/` and `failed/`.
+fn note_deferred(agent: &Agent, deferred: &[crate::error::Error], full: bool) {
+    let config = agent.config();
+    let mut short = Vec::new();
+    for err in deferred {
+        match err.shortage() {
+            Some(resource) => {
+                let dir = err.dir().unwrap_or_else(|| config.outbox_dir());
+                agent.note_shortage(&dir, resource, "cannot handle an outbox file");
+                short.push(dir);
+            }
+            None => tracing::error!(%err, "cannot handle an outbox file; trying again soon"),
+        }
+    }
+    if full {
+        for dir in [config.outbox_dir(), config.failed_dir()] {
+            if !short.contains(&dir) {
+                agent.clear_shortage(&dir);
+            }
+        }
+    }
 }
 
 /// Forgets the files that left the outbox; what stays is tried again.
@@ -427,14 +454,14 @@ pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
 
 /// Reads outbox files not read before into `known`: the files `names` (from the watcher),
 /// or, when `None`, every file of the directory, forgetting files that are gone. Returns
-/// whether a file is worth another look soon. Invalid files go to `failed/`; hand-dropped
-/// ones are completed in place.
+/// whether a file is worth another look soon, and the errors of files left for a later
+/// scan. Invalid files go to `failed/`; hand-dropped ones are completed in place.
 fn scan(
     config: &Config,
     known: &mut Known,
     names: Option<Vec<String>>,
     heartbeat: &Heartbeat,
-) -> Result<bool> {
+) -> Result<(bool, Vec<crate::error::Error>)> {
     let outbox = config.outbox_dir();
     // Each file is a step of its own: a backlog of thousands takes as long as it takes.
     heartbeat.busy_for(DISK_BOUND);
@@ -448,6 +475,7 @@ fn scan(
         }
     };
     let mut soon = false;
+    let mut deferred = Vec::new();
     for file in &names {
         if known.contains_key(file) {
             continue;
@@ -464,16 +492,24 @@ fn scan(
             // A named pipe, a socket, a device: nothing to send, and reading one could hang
             // the sender (a pipe without a writer) or never end (a device).
             Err(e) if e.kind() == spool::NOT_REGULAR => {
-                move_to_failed(config, file, &e.to_string())?;
+                defer(&mut deferred, move_to_failed(config, file, &e.to_string()));
                 continue;
             }
-            Err(e) => return Err(e).ctx("read", &path),
+            // Out of descriptors, say: this file waits, the others go on.
+            Err(e) => {
+                defer(&mut deferred, Err(e).ctx("read", &path));
+                continue;
+            }
         };
         match read_message(&bytes, &config.host_id) {
             Ok((message, completed)) => {
                 let json = message.to_json();
                 if completed {
-                    spool::write_atomic(&outbox, file, &json)?;
+                    if let Err(err) = spool::write_atomic(&outbox, file, &json) {
+                        // Not sent without its id on disk: a retry must send the same one.
+                        defer(&mut deferred, Err(err));
+                        continue;
+                    }
                     tracing::info!(id = %message.id, %file, "completed a hand-dropped message");
                 }
                 let ready = Ready {
@@ -487,10 +523,20 @@ fn scan(
                 tracing::debug!(%file, %reason, "unreadable outbox file may still be being written");
                 soon = true;
             }
-            Err(reason) => move_to_failed(config, file, &reason)?,
+            Err(reason) => defer(&mut deferred, move_to_failed(config, file, &reason)),
         }
     }
-    Ok(soon)
+    Ok((soon, deferred))
+}
+
+/// Keeps the error of a file left for a later scan, which goes on with the other files:
+/// one file that cannot be completed or moved to `failed/` (a full disk) must not hold up
+/// the rest.
+fn defer(deferred: &mut Vec<crate::error::Error>, result: Result<()>) {
+    if let Err(err) = result {
+        tracing::debug!(%err, "outbox file left for the next scan");
+        deferred.push(err);
+    }
 }
 
 /// Parses an outbox file: a full message, or one to complete (then `true`).

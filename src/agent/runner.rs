@@ -20,6 +20,9 @@ use crate::service::liveness::DISK_BOUND;
 pub const MAX_ATTEMPTS: u32 = 5;
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Retries of a hook that could not be started for want of a resource: until it returns.
+const SHORT_RETRY_MIN: Duration = Duration::from_millis(200);
+const SHORT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The runner loop.
 pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
@@ -67,7 +70,9 @@ async fn run_hook(agent: &Agent, heartbeat: &Heartbeat, id: Uuid, delivery: &Del
         }
     };
     let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+    let mut short_backoff = Backoff::new(SHORT_RETRY_MIN, SHORT_RETRY_MAX);
     let mut attempt = delivery.attempts + 1;
+    let mut started = 0;
     loop {
         let run = HookRun {
             hooks_dir: &config.hooks_dir(),
@@ -79,13 +84,27 @@ async fn run_hook(agent: &Agent, heartbeat: &Heartbeat, id: Uuid, delivery: &Del
         };
         heartbeat.busy_for(DISK_BOUND);
         let path = run.path();
-        if path.exists() {
+        // Once per attempt, however often a shortage kept it from starting.
+        if path.exists() && started != attempt {
+            started = attempt;
             record(agent, Record::HookStarted { id, attempt });
             tracing::info!(%id, r#type = %message.kind, attempt, "hook started");
         }
         heartbeat.busy_for(run.bound());
         let outcome = run.run().await;
         heartbeat.busy_for(DISK_BOUND);
+        if let Outcome::Short(resource) = outcome {
+            // The hook did not start: no outcome to record, and no attempt used up. Later
+            // hooks wait, to keep the order.
+            agent.note_shortage(&config.hooks_dir(), resource, "cannot start a hook");
+            let delay = short_backoff.next_delay();
+            heartbeat.busy_for(delay);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => continue,
+                _ = agent.shutdown.cancelled() => return false,
+            }
+        }
+        agent.clear_shortage(&config.hooks_dir());
         let retry = outcome == Outcome::TempFail && attempt < MAX_ATTEMPTS;
         let described = match (&outcome, retry) {
             (Outcome::TempFail, false) => format!("tempfail: gave up after {attempt} attempts"),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::message::Timestamp;
+use crate::shortage::Shortage;
 use crate::spool;
 
 const FILE: &str = "status.json";
@@ -22,6 +23,9 @@ pub struct Status {
     pub hub_reachable: Option<bool>,
     pub last_sync: Option<String>,
     pub last_error: Option<String>,
+    /// Directories short of a resource now (the inbox, `state/`, `failed/`...).
+    #[serde(default)]
+    pub shortages: Vec<Shortage>,
 }
 
 impl Status {
@@ -35,6 +39,7 @@ impl Status {
             hub_reachable: None,
             last_sync: None,
             last_error: None,
+            shortages: Vec::new(),
         }
     }
 

@@ -9,7 +9,35 @@ use crate::agent::status::Status;
 use crate::client::HubClient;
 use crate::config::Config;
 use crate::error::Result;
+use crate::shortage::Shortage;
 use crate::spool;
+
+/// The shortages the running agent reported (a quota, descriptors: only a failed write
+/// tells those), and what the agent's directories lack now (`statvfs`), which also covers
+/// a `state/` too full for the agent to report anything in. A stopped agent's last
+/// shortages are history, not news.
+fn shortages(config: &Config, running: Option<&Status>) -> Vec<Shortage> {
+    let mut all: Vec<Shortage> = running.map(|s| s.shortages.clone()).unwrap_or_default();
+    for dir in [
+        config.outbox_dir(),
+        config.inbox_dir(),
+        config.sent_dir(),
+        config.failed_dir(),
+        config.state_dir(),
+    ] {
+        if all.iter().any(|s| s.dir == dir) {
+            continue;
+        }
+        if let Some(resource) = crate::shortage::probe(&dir) {
+            all.push(Shortage {
+                dir,
+                resource,
+                since: "now".into(),
+            });
+        }
+    }
+    all
+}
 
 pub async fn show(config: &Config, as_json: bool) -> Result<()> {
     let status = Status::load(&config.state_dir());
@@ -41,6 +69,7 @@ pub async fn show(config: &Config, as_json: bool) -> Result<()> {
         .map(|(id, outcome)| format!("{id} {outcome}"))
         .collect();
     let last_sync = status.as_ref().and_then(|s| s.last_sync.clone());
+    let shortages = shortages(config, status.as_ref().filter(|_| running));
 
     if as_json {
         let value = json!({
@@ -55,6 +84,7 @@ pub async fn show(config: &Config, as_json: bool) -> Result<()> {
             "queues": depths.iter().map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>(),
             "hooks_pending": ledger.pending_hooks(),
             "recent_hook_failures": failures,
+            "shortages": shortages,
         });
         println!("{value}");
         return Ok(());
@@ -76,6 +106,14 @@ pub async fn show(config: &Config, as_json: bool) -> Result<()> {
     println!("hooks:      {} pending", ledger.pending_hooks());
     for failure in failures {
         println!("hook failed: {failure}");
+    }
+    for short in &shortages {
+        println!(
+            "SHORT:      {}: {} since {}",
+            short.dir.display(),
+            short.resource.describe(),
+            short.since
+        );
     }
     Ok(())
 }

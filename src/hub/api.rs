@@ -428,16 +428,7 @@ impl<S: Store> Api<S> {
     }
 
     async fn register(&self, host: &str) -> Result<(), Refusal> {
-        self.store.register(host).await.map_err(|e| {
-            if e.is_storage_full() {
-                Refusal(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient storage at the hub".into(),
-                )
-            } else {
-                internal(e)
-            }
-        })
+        self.store.register(host).await.map_err(internal)
     }
 }
 
@@ -503,8 +494,19 @@ fn worse(a: StatusCode, b: StatusCode) -> StatusCode {
     if rank(b) > rank(a) { b } else { a }
 }
 
-/// A store failure: logged in full here, answered without internals.
+/// A store failure: logged in full here, answered without internals. A shortage at the
+/// hub (space, inodes, quota, a read-only disk, file descriptors) is 507 or 503, which
+/// agents retry; anything else is 500.
 fn internal(err: crate::error::Error) -> Refusal {
+    if let Some(resource) = err.shortage() {
+        tracing::warn!(%err, resource = resource.name(), "store short of a resource");
+        let status =
+            StatusCode::from_u16(resource.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Refusal(
+            status,
+            format!("the hub cannot do this now: {}", resource.describe()),
+        );
+    }
     tracing::error!(%err, "store failure");
     Refusal(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -149,6 +149,7 @@ fn fd_budget() -> u64 {
 
 /// Accepts connections on `listener` until shutdown.
 pub async fn accept_loop<S: Store>(listener: TcpListener, conns: Arc<Conns<S>>) {
+    let mut failing = false;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -157,12 +158,19 @@ pub async fn accept_loop<S: Store>(listener: TcpListener, conns: Arc<Conns<S>>) 
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%err, "accept failed");
+                // Out of file descriptors and the like: back off instead of spinning, and
+                // say so once, not ten times a second.
+                if !failing {
+                    tracing::error!(%err, "cannot accept connections; retrying every 100 ms");
+                    failing = true;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        if std::mem::take(&mut failing) {
+            tracing::info!("accepting connections again");
+        }
         let Some(slot) = conns.api.connections.admit() else {
             drop(stream);
             continue;

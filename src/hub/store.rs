@@ -39,7 +39,7 @@ use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, SystemTime};
 
@@ -49,10 +49,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use uuid::Uuid;
 
-use crate::error::{Error, IoContext, Result, is_storage_full};
+use crate::error::{Error, IoContext, Result};
 use crate::message::{Message, Priority, Timestamp, id_from_file_name};
 use crate::service::Heartbeat;
 use crate::service::liveness::DISK_BOUND;
+use crate::shortage::{Resource, Shortages};
 use crate::spool::{self, Commit};
 
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
@@ -61,6 +62,8 @@ const MAX_COMMIT_MESSAGES: usize = 4096;
 /// KiB of disk): truncating or deleting it would free the block, which costs a discard on
 /// file systems mounted with `discard`.
 const MAX_SPARE_FILES: usize = 16_384;
+/// Free bytes the data dir needs before the health probe calls a lack of space over.
+const MIN_FREE_FOR_HEALTH: u64 = 1024 * 1024;
 /// Most bytes of pending messages also kept in memory, so that a host that keeps up is
 /// served without reading its files back. Beyond this, messages are read from disk.
 const MAX_CACHED_BYTES: usize = 64 * 1024 * 1024;
@@ -129,8 +132,10 @@ struct Shared {
     max_pending_per_host: AtomicUsize,
     state: Mutex<State>,
     counters: Counters,
-    /// Set while the last commit failed for want of space; cleared by the next success.
-    storage_full: AtomicBool,
+    /// The data dir's shortage, while the last commit had to refuse messages for want of a
+    /// resource; ended by a commit that stores all it was given, or a health probe that
+    /// finds the resource back.
+    shortages: Shortages,
     /// Files in `spare/`, ready to be overwritten by new messages.
     spares: Mutex<Vec<PathBuf>>,
     /// Bytes of queue entries that hold their message in memory.
@@ -197,6 +202,7 @@ struct Counters {
     expired: AtomicU64,
     refused_queue_full: AtomicU64,
     refused_storage_full: AtomicU64,
+    refused_unavailable: AtomicU64,
     refused_error: AtomicU64,
     commits: AtomicU64,
     removed_hosts: AtomicU64,
@@ -280,7 +286,7 @@ impl FileStore {
             max_pending_per_host: AtomicUsize::new(max_pending_per_host),
             state: Mutex::new(state),
             counters: Counters::default(),
-            storage_full: AtomicBool::new(false),
+            shortages: Shortages::default(),
             spares: Mutex::new(spares),
             cached_bytes: AtomicUsize::new(0),
         });
@@ -323,6 +329,40 @@ impl Shared {
 
     fn accepted_log(&self) -> PathBuf {
         self.dir.join("accepted.log")
+    }
+
+    /// Whether the data dir takes a write now. A probe that passes also ends a shortage
+    /// that refused messages (no sender may be left to retry and end it by a commit); for
+    /// space, only once a message's worth of room is back.
+    fn probe(&self) -> Result<(), String> {
+        const PROBE: [u8; 4096] = [0; 4096];
+        let staging = self.dir.join("staging");
+        let path = staging.join(".healthz");
+        let written = fs::write(&path, PROBE);
+        let _ = fs::remove_file(&path);
+        if let Err(e) = written {
+            return Err(match Resource::of(&e, &staging) {
+                Some(resource) => {
+                    self.shortages
+                        .report(&self.dir, resource, "the health probe cannot write");
+                    format!("data dir: {}", resource.describe())
+                }
+                None => format!("data dir is not writable: {}", e.kind()),
+            });
+        }
+        let roomy = spool_free_bytes(&self.dir) >= MIN_FREE_FOR_HEALTH;
+        match self.shortages.current().into_iter().next() {
+            Some(short) if short.resource == Resource::Space && !roomy => Err(format!(
+                "data dir: {} (messages refused since {})",
+                short.resource.describe(),
+                short.since
+            )),
+            Some(_) => {
+                self.shortages.clear(&self.dir);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Accounts for entries leaving the queues; returns their files.
@@ -597,23 +637,10 @@ impl Store for FileStore {
     }
 
     async fn health(&self) -> Result<(), String> {
-        let dir = self.shared.dir.join("staging");
-        let probe = tokio::task::spawn_blocking(move || {
-            let path = dir.join(".healthz");
-            let result = fs::write(&path, b"ok");
-            let _ = fs::remove_file(&path);
-            result
-        })
-        .await
-        .map_err(|e| format!("health probe failed: {e}"))?;
-        match probe {
-            Err(e) if is_storage_full(&e) => Err("data dir is full".to_string()),
-            Err(e) => Err(format!("data dir is not writable: {}", e.kind())),
-            Ok(()) if self.shared.storage_full.load(Ordering::Relaxed) => {
-                Err("the last commit failed: data dir is full".to_string())
-            }
-            Ok(()) => Ok(()),
-        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.probe())
+            .await
+            .map_err(|e| format!("health probe failed: {e}"))?
     }
 
     fn set_max_pending_per_host(&self, max: usize) {
@@ -675,11 +702,23 @@ impl Store for FileStore {
         for (reason, value) in [
             ("queue_full", &c.refused_queue_full),
             ("storage_full", &c.refused_storage_full),
+            ("unavailable", &c.refused_unavailable),
             ("error", &c.refused_error),
         ] {
             out.push_str(&format!(
                 "mesync_messages_refused_total{{reason=\"{reason}\"}} {}\n",
                 value.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str(
+            "# HELP mesync_store_short The data dir lacks this resource: messages are being \
+             refused (1) or not (0).\n# TYPE mesync_store_short gauge\n",
+        );
+        for resource in Resource::ALL {
+            let short = u8::from(self.shared.shortages.is_short_of(resource));
+            out.push_str(&format!(
+                "mesync_store_short{{resource=\"{}\"}} {short}\n",
+                resource.name()
             ));
         }
         let state = self.shared.lock();
@@ -786,39 +825,60 @@ fn commit_loop(shared: &Shared, jobs: &mpsc::Receiver<CommitJob>, heartbeat: &He
 /// One group commit. Returns one outcome per message, in order.
 fn commit(shared: &Shared, messages: Vec<Message>) -> Vec<Enqueued> {
     let mut outcomes = vec![Enqueued::Duplicate; messages.len()];
-    let plan = plan(shared, messages, &mut outcomes);
+    let mut plan = plan(shared, messages, &mut outcomes);
     if plan.is_empty() {
         return outcomes;
     }
     let started = std::time::Instant::now();
-    let written = write_plan(shared, &plan);
-    tracing::debug!(messages = plan.len(), took = ?started.elapsed(), "group commit");
-    match written {
-        Ok(()) => {
-            shared.storage_full.store(false, Ordering::Relaxed);
-            shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-            publish_plan(shared, plan, &mut outcomes);
-        }
-        Err(err) => {
-            let (status, counter) = if err.is_storage_full() {
-                shared.storage_full.store(true, Ordering::Relaxed);
-                (507, &shared.counters.refused_storage_full)
+    let (stored, failure) = write_what_fits(shared, &plan);
+    tracing::debug!(messages = stored, took = ?started.elapsed(), "group commit");
+    let refused = plan.split_off(stored);
+    if stored > 0 {
+        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+        publish_plan(shared, plan, &mut outcomes);
+    }
+    let Some(err) = failure else {
+        shared.shortages.clear(&shared.dir);
+        return outcomes;
+    };
+    let (status, reason, counter) = match err.shortage() {
+        Some(resource) => {
+            shared
+                .shortages
+                .report(&shared.dir, resource, "cannot store messages");
+            let counter = if resource.status() == 507 {
+                &shared.counters.refused_storage_full
             } else {
-                (500, &shared.counters.refused_error)
+                &shared.counters.refused_unavailable
             };
-            tracing::error!(%err, messages = plan.len(), "commit failed; senders will retry");
-            counter.fetch_add(plan.len() as u64, Ordering::Relaxed);
-            let reason = if status == 507 {
-                "insufficient storage at the hub".to_string()
-            } else {
-                "the hub could not store the message".to_string()
-            };
-            for item in &plan {
-                outcomes[item.index] = Enqueued::Refused(status, reason.clone());
-            }
+            let reason = format!("the hub cannot store it now: {}", resource.describe());
+            (resource.status(), reason, counter)
         }
+        None => {
+            tracing::error!(%err, messages = refused.len(), "commit failed; senders will retry");
+            let reason = "the hub could not store the message".to_string();
+            (500, reason, &shared.counters.refused_error)
+        }
+    };
+    tracing::info!(
+        stored,
+        refused = refused.len(),
+        status,
+        "messages refused for now; their senders retry"
+    );
+    counter.fetch_add(refused.len() as u64, Ordering::Relaxed);
+    for item in &refused {
+        outcomes[item.index] = Enqueued::Refused(status, reason.clone());
     }
     outcomes
+}
+
+/// Writes the longest prefix of `plan` that the data dir can take: a batch larger than the
+/// free space (or inodes, or descriptors) stores what fits, and the senders of the rest
+/// retry, so a shortage slows a sender down instead of stopping it. Returns how many
+/// messages are durable, and the error that stopped the others.
+fn write_what_fits(shared: &Shared, plan: &[Planned]) -> (usize, Option<Error>) {
+    crate::shortage::longest_prefix(plan, |prefix| write_plan(shared, prefix))
 }
 
 /// Decides, under the lock, what each message becomes: duplicate, refused, or planned with
@@ -893,31 +953,37 @@ fn plan(shared: &Shared, messages: Vec<Message>, outcomes: &mut [Enqueued]) -> V
 }
 
 /// Steps 1 and 2 of a commit: staging data flushed, then links and ids flushed. On error,
-/// undoes what it did, so nothing of a refused message stays visible.
-fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
+/// undoes what it did, so nothing of a refused message stays visible, and says how many
+/// leading messages of the plan had their data staged before it.
+fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<(), (Error, usize)> {
     let staging = shared.dir.join("staging");
     let queues = shared.dir.join("queues");
     let log_path = shared.accepted_log();
     let mut commit = Commit::new();
     let mut temps: Vec<PathBuf> = Vec::new();
     let mut links: Vec<PathBuf> = Vec::new();
-    let mut log = OpenOptions::new()
+    let opened = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .ctx("open", &log_path)?;
-    let log_len = log.seek(SeekFrom::End(0)).ctx("seek", &log_path)?;
+        .and_then(|mut log| log.seek(SeekFrom::End(0)).map(|len| (log, len)))
+        .ctx("open", &log_path);
+    let (mut log, log_len) = opened.map_err(|e| (e, 0))?;
+    let mut staged = 0;
 
     let result = (|| -> Result<()> {
-        for item in plan.iter().filter(|p| !p.recipients.is_empty()) {
-            let name = format!("{}.json", item.message_id);
-            let spare = shared.spares().pop();
-            temps.push(commit.write_temp_reusing(
-                &staging,
-                &name,
-                &item.bytes,
-                spare.as_deref(),
-            )?);
+        for item in plan {
+            if !item.recipients.is_empty() {
+                let name = format!("{}.json", item.message_id);
+                let spare = shared.spares().pop();
+                temps.push(commit.write_temp_reusing(
+                    &staging,
+                    &name,
+                    &item.bytes,
+                    spare.as_deref(),
+                )?);
+            }
+            staged += 1;
         }
         commit.sync_data()?;
         let mut ids = String::with_capacity(plan.len() * 37);
@@ -961,7 +1027,7 @@ fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<()> {
         unlink_all(&links);
         let _ = log.set_len(log_len);
     }
-    result
+    result.map_err(|e| (e, staged))
 }
 
 /// Step 3: the messages are durable; make them visible, count them and wake recipients.
@@ -1129,6 +1195,11 @@ fn read_accepted_log(path: &Path) -> Result<HashSet<Uuid>> {
             .ctx("truncate", path)?;
     }
     Ok(ids)
+}
+
+/// Free bytes where `dir` is; unknown counts as plenty (the probe's write decides then).
+fn spool_free_bytes(dir: &Path) -> u64 {
+    crate::shortage::free_bytes(dir).unwrap_or(u64::MAX)
 }
 
 fn clear_dir(dir: &Path) -> Result<()> {

@@ -11,6 +11,7 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod mounts;
 mod notify;
 #[allow(unused_imports)]
 pub use notify::{Notifications, find, find_in};
