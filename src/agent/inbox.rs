@@ -122,6 +122,10 @@ pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
             continue;
         };
         short = report_failure(&agent, err, &batch, &mut stuck);
+        if batch.written > 0 {
+            // Progress: room is being made (a consumer at work); look again soon.
+            short_backoff.reset();
+        }
         let delay = if short.is_some() {
             short_backoff.next_delay()
         } else {

@@ -18,6 +18,11 @@
 //!   hub (SIGSTOP) for 2–4 s, longer than the agents' HTTP timeout. Every action is in
 //!   `chaos.log`, with the UTC time that the processes' logs use.
 //!
+//! - one agent's `inbox/` is a 256 KiB tmpfs (when the run may mount one: as root), far
+//!   smaller than a burst, and its hook is the consumer that moves each message out of it
+//!   (to `consumed/`, on the ordinary disk) once it has run: the agent must write the part
+//!   of each pulled batch that fits and take the rest as space is freed, kills included.
+//!
 //! After N kills: the load stops, everything is restarted, and once the outboxes and the
 //! hub's queues are empty, every expected delivery is in place and every hook has run (or
 //! a deadline passed), everything is stopped with SIGTERM and the files are checked: lost,
@@ -188,7 +193,7 @@ pub fn run(binary: &Path, parent: &Path, opts: &Options) -> Result<Report, Strin
     if !opts.replay.is_empty() {
         eprintln!("torture: replay the same choices with: {}", opts.replay);
     }
-    let mut cluster = Cluster::new(binary, &dir, opts.agents)?;
+    let mut cluster = Cluster::new(binary, &dir, opts.agents, true)?;
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(30))?;
     eprintln!(
@@ -383,6 +388,8 @@ struct Node {
     log: PathBuf,
     /// The agent's hook log: `<id> <attempt>` per run.
     hook_log: PathBuf,
+    /// For the agent whose inbox is a small tmpfs: where its hook moves the inbox files.
+    consumed: Option<PathBuf>,
     child: Option<Child>,
     frozen: bool,
     restart_at: Option<Instant>,
@@ -433,7 +440,14 @@ fn signal(pid: u32, sig: libc::c_int) {
 }
 
 impl Cluster {
-    fn new(binary: &Path, root: &Path, agents: usize) -> Result<Cluster, String> {
+    /// A hub and `agents` agents in `root`; with `small_inbox`, the last agent's inbox is a
+    /// small tmpfs (see [`small_inbox`]).
+    fn new(
+        binary: &Path,
+        root: &Path,
+        agents: usize,
+        small_inbox: bool,
+    ) -> Result<Cluster, String> {
         let port = free_port()?;
         let file = File::create(root.join("chaos.log")).map_err(|e| e.to_string())?;
         let mut nodes = Vec::with_capacity(agents + 1);
@@ -445,6 +459,7 @@ impl Cluster {
             dir: hub_dir,
             log: root.join("hub.log"),
             hook_log: PathBuf::new(),
+            consumed: None,
             child: None,
             frozen: false,
             restart_at: None,
@@ -460,13 +475,20 @@ impl Cluster {
             }
             let hook_log = root.join(format!("{name}.hooks.log"));
             File::create(&hook_log).map_err(|e| e.to_string())?;
-            install_hook(&base, &hook_log)?;
+            // The last agent's inbox is smaller than a burst; its hook makes room.
+            let consumed = if small_inbox && i == agents {
+                self::small_inbox(&base)?
+            } else {
+                None
+            };
+            install_hook(&base, &hook_log, consumed.as_deref())?;
             nodes.push(Node {
                 log: root.join(format!("{name}.log")),
                 name,
                 is_hub: false,
                 dir: base,
                 hook_log,
+                consumed,
                 child: None,
                 frozen: false,
                 restart_at: None,
@@ -730,16 +752,69 @@ impl Drop for Cluster {
                 }
                 let _ = child.wait();
             }
+            if node.consumed.is_some() {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(node.dir.join("inbox"))
+                    .status();
+            }
         }
     }
+}
+
+/// Mounts a 256 KiB tmpfs over `base/inbox` (room for about 60 messages) and makes
+/// `base/../<name>.consumed/`; `None` (and a note) when mounting is not allowed here.
+fn small_inbox(base: &Path) -> Result<Option<PathBuf>, String> {
+    let inbox = base.join("inbox");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
+        .arg(&inbox)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("torture: note: cannot mount a tmpfs (not root?): no agent gets a small inbox");
+        return Ok(None);
+    }
+    let consumed = base.with_extension("consumed");
+    fs::create_dir_all(&consumed).map_err(|e| format!("{}: {e}", consumed.display()))?;
+    Ok(Some(consumed))
+}
+
+/// What an agent delivered: the files in its inbox and, for the agent with a small inbox,
+/// those its hook moved out (a file in both, cut between the copy and the removal, counts
+/// once). Returns the paths by file name, and the dot-files left in the inbox.
+fn delivered(node: &Node) -> (BTreeMap<String, PathBuf>, Vec<String>) {
+    let inbox = node.dir.join("inbox");
+    let (names, dots) = list(&inbox);
+    let mut files: BTreeMap<String, PathBuf> = BTreeMap::new();
+    if let Some(consumed) = &node.consumed {
+        for name in list(consumed).0 {
+            files.insert(name.clone(), consumed.join(name));
+        }
+    }
+    for name in names {
+        files.insert(name.clone(), inbox.join(name));
+    }
+    (files, dots)
 }
 
 /// The hook: one line `<id> <attempt>` per run, appended with one write, then a short
 /// sleep so that kills land in the middle of hooks. Paths are written in: hooks run with a
 /// clean environment.
-fn install_hook(base: &Path, hook_log: &Path) -> Result<(), String> {
+///
+/// With `consumed`, the hook then moves its inbox file there, as a consumer script would:
+/// copied under a dot-name, renamed into place, and only then removed from the inbox.
+fn install_hook(base: &Path, hook_log: &Path, consumed: Option<&Path>) -> Result<(), String> {
+    let consume = consumed.map_or(String::new(), |dir| {
+        let dir = dir.display();
+        "f=\"$MESYNC_INBOX_FILE\"; n=$(basename \"$f\")\n".to_string()
+            + &format!(
+                "cp \"$f\" '{dir}'/.\"$n\" && mv '{dir}'/.\"$n\" '{dir}'/\"$n\" && rm -f \"$f\"\n"
+            )
+    });
     let script = format!(
-        "#!/bin/sh\nprintf '%s %s\\n' \"$MESYNC_MESSAGE_ID\" \"$MESYNC_ATTEMPT\" >> '{}'\ncat > /dev/null\nsleep 0.02\nexit 0\n",
+        "#!/bin/sh\nprintf '%s %s\\n' \"$MESYNC_MESSAGE_ID\" \"$MESYNC_ATTEMPT\" >> '{}'\ncat > /dev/null\nsleep 0.02\n{consume}exit 0\n",
         hook_log.display()
     );
     let hooks = base.join("hooks");
@@ -1170,9 +1245,9 @@ fn settle(
         for h in cluster.agents() {
             let node = &cluster.nodes[h];
             outbox += list(&node.dir.join("outbox")).0.len();
-            let inbox: HashSet<String> = list(&node.dir.join("inbox"))
+            let inbox: HashSet<String> = delivered(node)
                 .0
-                .iter()
+                .keys()
                 .map(|n| id_in_name(n).to_string())
                 .collect();
             missing += expected.by_host[h].difference(&inbox).count();
@@ -1266,14 +1341,12 @@ fn check(
         let node = &cluster.nodes[h];
         let host = node.name.as_str();
         // The inbox: whole JSON, the right id, once, and only what is for this host.
-        let inbox_dir = node.dir.join("inbox");
-        let (files, dots) = list(&inbox_dir);
+        let (files, dots) = delivered(node);
         if !dots.is_empty() {
             notes.push(dot_files(host, "inbox", &dots));
         }
         let mut count: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for file in &files {
-            let path = inbox_dir.join(file);
+        for (file, path) in &files {
             let parsed = fs::read(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()));
@@ -1617,7 +1690,7 @@ mod tests {
     #[test]
     fn the_checker_counts_lost_duplicated_misrouted_and_bad_hook_runs() {
         let tmp = tempfile::tempdir().unwrap();
-        let cluster = Cluster::new(Path::new("/bin/false"), tmp.path(), 3).unwrap();
+        let cluster = Cluster::new(Path::new("/bin/false"), tmp.path(), 3, false).unwrap();
         // m1: a1 broadcast (a2, a3); m2: a1 -> a2; m3: a3 -> a1; m4: a1 -> a3.
         let m1 = dropped(0, 1, None);
         let m2 = dropped(1, 1, Some(2));
