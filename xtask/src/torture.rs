@@ -18,7 +18,7 @@
 //!   hub (SIGSTOP) for 2–4 s, longer than the agents' HTTP timeout. Every action is in
 //!   `chaos.log`, with the UTC time that the processes' logs use.
 //!
-//! - one agent's `inbox/` is a 256 KiB tmpfs (when the run may mount one: as root), far
+//! - one agent's `inbox/` is a 64 KiB tmpfs (when the run may mount one: as root), far
 //!   smaller than a burst, and its hook is the consumer that moves each message out of it
 //!   (to `consumed/`, on the ordinary disk) once it has run: the agent must write the part
 //!   of each pulled batch that fits and take the rest as space is freed, kills included.
@@ -762,12 +762,12 @@ impl Drop for Cluster {
     }
 }
 
-/// Mounts a 256 KiB tmpfs over `base/inbox` (room for about 60 messages) and makes
+/// Mounts a 64 KiB tmpfs over `base/inbox` (room for about 15 messages) and makes
 /// `base/../<name>.consumed/`; `None` (and a note) when mounting is not allowed here.
 fn small_inbox(base: &Path) -> Result<Option<PathBuf>, String> {
     let inbox = base.join("inbox");
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"])
         .arg(&inbox)
         .stderr(Stdio::null())
         .status()
@@ -1347,7 +1347,7 @@ fn check(
         }
         let mut count: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (file, path) in &files {
-            let parsed = fs::read(&path)
+            let parsed = fs::read(path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()));
             let message = match parsed {
