@@ -1,5 +1,6 @@
 //! Scarce resources at every hop, made real: small tmpfs mounts (`size=`, `nr_inodes=`), a
-//! bind mount remounted read-only, and `prlimit --nofile` on running processes. Each test
+//! bind mount remounted read-only, a FUSE file system that answers EDQUOT past a quota, and
+//! `prlimit --nofile` on running processes. Each test
 //! shows that progress is made while the resource is short (what fits arrives before the
 //! resource returns), that the shortage is visible (`mesync status`, `/healthz`,
 //! `/metrics`, a log line naming the directory and the resource), and that once the
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::mounts::{Bind, Tmpfs};
+use support::mounts::{Bind, QuotaFs, Tmpfs};
 use support::*;
 
 /// A payload that makes a message of about `bytes` bytes.
@@ -661,4 +662,78 @@ fn a_hook_that_cannot_start_for_want_of_descriptors_runs_once_they_return() {
         "a shortage is not recorded as the hook's outcome: {listed:?}"
     );
     wait_until(TIMEOUT, "the shortage is over", || short_of(&rx).is_empty());
+}
+
+#[test]
+fn an_inbox_over_its_quota_takes_what_fits_and_the_rest_as_it_is_consumed() {
+    let hub = Hub::start();
+    let mut rx = Agent::new(&hub.url(), "rx");
+    let Some(_quota) = QuotaFs::mount("shortages", &rx.dir("inbox"), 60_000) else {
+        return;
+    };
+    rx.start();
+    hub.wait_registered(&["rx"]);
+    let ids = post_batch(&hub, "rx", &[5_000; 20], "normal");
+    wait_until(TIMEOUT, "the messages within the quota arrive", || {
+        !rx.files("inbox").is_empty() && rx.logs.contains("quota")
+    });
+    let arrived = rx.files("inbox").len();
+    assert!((1..20).contains(&arrived), "{arrived} of 20 within 60 KB");
+    wait_until(TIMEOUT, "mesync status says which resource", || {
+        short_of(&rx) == ["quota"]
+    });
+    let mut consumer = Consumer::default();
+    wait_until(LONG_TIMEOUT, "every message reaches the consumer", || {
+        consumer.take_all(&rx.dir("inbox"));
+        consumer.seen.len() == ids.len()
+    });
+    consumer.assert_once_each(&ids);
+    wait_until(TIMEOUT, "the shortage is over", || short_of(&rx).is_empty());
+}
+
+#[test]
+fn a_hub_over_its_quota_stores_what_fits_and_recovers() {
+    let mut hub = Hub::start();
+    hub.kill9();
+    let Some(_quota) = QuotaFs::mount("shortages", hub.data_dir(), 200_000) else {
+        return;
+    };
+    hub.restart();
+    let mut tx = Agent::new(&hub.url(), "tx").with_env("MESYNC_HTTP_TIMEOUT", "2");
+    tx.start();
+    hub.wait_registered(&["tx"]);
+    let outbox = tx.dir("outbox");
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let msg = message(
+            "short.test",
+            "tx",
+            Some("late"),
+            "normal",
+            payload_of(20_000, i),
+        );
+        ids.push(id_of(&msg));
+        write_atomic(&outbox, &file_name_for(&msg), msg.to_string().as_bytes());
+    }
+    wait_until(TIMEOUT, "the hub stores what fits in its quota", || {
+        tx.logs.contains("507") && !hub.queue_files("late").is_empty()
+    });
+    assert!(hub.queue_files("late").len() < 30);
+    assert_eq!(
+        metric(&hub, "mesync_store_short{resource=\"quota\"}"),
+        Some(1.0)
+    );
+    assert!(hub.logs.contains("quota"), "logged");
+
+    // The receiver takes what is stored; acked files make room for the rest.
+    let mut late = Agent::new(&hub.url(), "late");
+    late.start();
+    wait_until(LONG_TIMEOUT, "everything arrives", || {
+        ids.iter().all(|id| late.has(id))
+    });
+    for id in &ids {
+        assert_eq!(late.inbox_count(id), 1, "{id} once");
+    }
+    assert!(tx.files("failed").is_empty());
+    drop((tx, late, hub));
 }

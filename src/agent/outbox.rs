@@ -60,8 +60,10 @@ enum Pass {
     Done,
     /// Some files may still be being written; look again soon.
     Soon,
-    /// The hub could not take messages; they wait in the outbox.
-    Transient(HubError),
+    /// The hub could not take (some) messages; they wait in the outbox. `progress`: it took
+    /// others in this pass (a hub short of space storing what fits), so the next try need
+    /// not wait long.
+    Transient { err: HubError, progress: bool },
 }
 
 /// Writes a message into `outbox/` atomically and durably (what `mesync send` does).
@@ -164,7 +166,10 @@ pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
                 (agent.config().poll_interval, true)
             }
             Pass::Soon => (WRITE_GRACE.min(agent.config().poll_interval), true),
-            Pass::Transient(err) => {
+            Pass::Transient { err, progress } => {
+                if progress {
+                    backoff.reset();
+                }
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "hub cannot take messages now; they stay in outbox/");
                 agent.hub_result(Err(err.to_string()));
@@ -223,6 +228,7 @@ async fn send_pass(
     let mut result = if soon { Pass::Soon } else { Pass::Done };
     // The files of one batch are moved out of outbox/ while the next batch is on the wire.
     let mut filing: Option<tokio::task::JoinHandle<Filing>> = None;
+    let mut progress = false;
     while !rest.is_empty() {
         if agent.shutdown.is_cancelled() {
             break;
@@ -232,6 +238,7 @@ async fn send_pass(
         rest = tail;
         let mut answered = Filing::default();
         let sent = send_batch(agent, heartbeat, batch, &mut answered).await;
+        progress |= !answered.sent.is_empty();
         if let Some(previous) = filing.take() {
             heartbeat.busy_for(DISK_BOUND);
             forget_filed(known, previous.await);
@@ -239,7 +246,7 @@ async fn send_pass(
         let config = agent.config();
         filing = Some(tokio::task::spawn_blocking(move || answered.file(&config)));
         if let Err(err) = sent {
-            result = Pass::Transient(err);
+            result = Pass::Transient { err, progress };
             break;
         }
     }

@@ -1,12 +1,14 @@
 //! Scarce file systems for the tests, made real with mounts (root only): a small tmpfs
-//! (`size=`, `nr_inodes=`), and a bind mount that can be remounted read-only. Each is
-//! unmounted when dropped. Without root or `mount`, [`Tmpfs::mount`] and [`Bind::mount`]
+//! (`size=`, `nr_inodes=`), a bind mount that can be remounted read-only, and a FUSE file
+//! system with a byte quota (`tests/fixtures/quotafs.py`, for kernels without quota
+//! support). Each is unmounted when dropped. Without root or `mount`, [`Tmpfs::mount`] and [`Bind::mount`]
 //! say so through [`super::unavailable`] and return `None`.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use super::unavailable;
 
@@ -95,5 +97,66 @@ impl Bind {
 impl Drop for Bind {
     fn drop(&mut self) {
         unmount(&self.0);
+    }
+}
+
+/// A directory whose writes fail with EDQUOT past `quota` bytes: a FUSE pass-through to a
+/// backing directory, run by Debian's python3-fusepy.
+pub struct QuotaFs {
+    dir: PathBuf,
+    child: Child,
+    _backing: tempfile::TempDir,
+}
+
+impl QuotaFs {
+    pub fn mount(test: &str, dir: &Path, quota: usize) -> Option<QuotaFs> {
+        let python = Path::new("/usr/bin/python3");
+        let has_fusepy = Command::new(python)
+            .args(["-c", "import fusepy"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_fusepy || !Path::new("/dev/fuse").exists() {
+            unavailable(
+                test,
+                "a FUSE quota file system (Debian's python3-fusepy and /dev/fuse)",
+            );
+            return None;
+        }
+        let backing = tempfile::tempdir().expect("backing dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quotafs.py");
+        let child = Command::new(python)
+            .arg(script)
+            .arg(backing.path())
+            .arg(dir)
+            .arg(quota.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start quotafs.py");
+        let fs = QuotaFs {
+            dir: dir.to_path_buf(),
+            child,
+            _backing: backing,
+        };
+        let mounted = || {
+            fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+                m.lines()
+                    .any(|l| l.split(' ').nth(1) == Some(&*dir.to_string_lossy()))
+            })
+        };
+        super::wait_until(
+            Duration::from_secs(10),
+            "the quota file system is mounted",
+            mounted,
+        );
+        Some(fs)
+    }
+}
+
+impl Drop for QuotaFs {
+    fn drop(&mut self) {
+        unmount(&self.dir);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
