@@ -146,6 +146,8 @@ fn hub_and_agent_log_structured_records_to_the_journal() {
     cmd.args(["serve", "--listen", &listen, "--data-dir"])
         .arg(dir.path().join("hub"))
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        // Each message's own line is at debug (the info line counts a commit's messages).
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(stderr);
     let hub = ChildGuard(cmd.spawn().expect("start the hub"));
