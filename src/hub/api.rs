@@ -292,8 +292,9 @@ impl<S: Store> Api<S> {
                 Ok(i) => match &outcomes[i] {
                     Enqueued::Accepted(_) => accepted.push(ids[i].to_string()),
                     Enqueued::Duplicate => duplicates.push(ids[i].to_string()),
-                    Enqueued::Refused(code, why) => {
-                        let code = StatusCode::from_u16(*code)
+                    Enqueued::Refused(refused) => {
+                        let why = refused.reason();
+                        let code = StatusCode::from_u16(refused.status())
                             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                         if !batch {
                             return Err(Refusal(code, why.clone()));

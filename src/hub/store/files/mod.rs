@@ -1,5 +1,4 @@
-//! The hub's store: the [`Store`] operations the HTTP layer needs, and [`FileStore`], which
-//! keeps everything as files in the data dir.
+//! The file store: everything the hub keeps, as files in its data dir.
 //!
 //! Layout of the data dir:
 //!
@@ -34,9 +33,11 @@
 //! Acks only unlink queue entries, without a flush: an ack lost in a crash means the message
 //! is offered again, and deduplicated again.
 
+mod commit;
+mod recovery;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::future::Future;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +57,10 @@ use crate::service::liveness::DISK_BOUND;
 use crate::shortage::{Resource, Shortages};
 use crate::spool::{self, Commit};
 
+use super::{Enqueued, HostInfo, Refused, Store};
+use commit::{CommitJob, commit_loop};
+use recovery::{clear_dir, recover};
+
 /// Most messages one commit takes, so a flood still gets answers in bounded time.
 const MAX_COMMIT_MESSAGES: usize = 4096;
 /// Most files kept in `spare/` for reuse. Each keeps its inode and its data block (a few
@@ -67,57 +72,6 @@ const MIN_FREE_FOR_HEALTH: u64 = 1024 * 1024;
 /// Most bytes of pending messages also kept in memory, so that a host that keeps up is
 /// served without reading its files back. Beyond this, messages are read from disk.
 const MAX_CACHED_BYTES: usize = 64 * 1024 * 1024;
-
-/// What became of one message handed to [`Store::enqueue`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Enqueued {
-    /// Durable in this many recipients' queues.
-    Accepted(usize),
-    /// This id was accepted before; nothing was fanned out again.
-    Duplicate,
-    /// Not stored; the status (429, 507, 500) and why. Senders retry these later.
-    Refused(u16, String),
-}
-
-/// One registered host, as `GET /v1/hosts` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct HostInfo {
-    pub host: String,
-    pub registered_at: Option<String>,
-    pub last_seen: Option<String>,
-    pub pending: usize,
-    pub oldest_pending_secs: Option<u64>,
-}
-
-/// The operations the HTTP layer needs from a store. The files ([`FileStore`]) are the
-/// default; another implementation (a shared database) must pass the same tests.
-pub trait Store: Send + Sync + 'static {
-    /// Registers a host on contact (idempotent) and notes when it was last seen.
-    fn register(&self, host: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Accepts messages: deduplicates by id, decides recipients, and returns once the
-    /// accepted ones are durable. One outcome per message, in order.
-    fn enqueue(&self, messages: Vec<Message>) -> impl Future<Output = Vec<Enqueued>> + Send;
-    /// Up to `max` of a host's pending messages in delivery order, as stored JSON.
-    fn fetch(&self, host: &str, max: usize) -> impl Future<Output = Result<Vec<Bytes>>> + Send;
-    /// Removes acknowledged messages from a host's queue; returns how many were pending.
-    fn ack(&self, host: &str, ids: Vec<Uuid>) -> impl Future<Output = Result<usize>> + Send;
-    /// Notified whenever the host's queue gains messages. Take a `notified()` future from it
-    /// before fetching, so no wake-up is lost between an empty fetch and the wait.
-    fn waiter(&self, host: &str) -> Arc<Notify>;
-    /// The registered hosts.
-    fn hosts(&self) -> Vec<HostInfo>;
-    /// Drops a host from the registry and its queue; returns how many messages it dropped,
-    /// or `None` when the host is unknown.
-    fn remove_host(&self, host: &str) -> impl Future<Output = Result<Option<usize>>> + Send;
-    /// Drops expired messages from every queue; returns how many.
-    fn expire(&self) -> impl Future<Output = Result<usize>> + Send;
-    /// Whether the store can write; the reason when not.
-    fn health(&self) -> impl Future<Output = Result<(), String>> + Send;
-    /// Prometheus text exposition of the store's counters.
-    fn metrics(&self) -> String;
-    /// A reload changed `[hub] max_pending_per_host`.
-    fn set_max_pending_per_host(&self, max: usize);
-}
 
 /// The file store. Cheap to clone.
 #[derive(Clone)]
@@ -209,32 +163,6 @@ struct Counters {
     dropped_with_hosts: AtomicU64,
 }
 
-struct CommitJob {
-    messages: Vec<Message>,
-    reply: oneshot::Sender<Vec<Enqueued>>,
-}
-
-/// A message the commit thread decided to store.
-struct Planned {
-    index: usize,
-    message_id: Uuid,
-    priority: Priority,
-    seq: u64,
-    expires_at: Option<DateTime<Utc>>,
-    recipients: Vec<String>,
-    bytes: Vec<u8>,
-    /// For the log line that says the message was accepted.
-    kind: String,
-    source: String,
-    target: Option<String>,
-}
-
-impl Planned {
-    fn queue_name(&self) -> String {
-        queue_file_name(self.priority, self.seq, self.message_id)
-    }
-}
-
 fn queue_file_name(priority: Priority, seq: u64, id: Uuid) -> String {
     format!("{}-{seq:016}-{id}.json", priority.rank())
 }
@@ -297,16 +225,6 @@ impl FileStore {
             .spawn(move || commit_loop(&thread_shared, &jobs, &heartbeat))
             .ctx("start the commit thread", dir)?;
         Ok(FileStore { shared, committer })
-    }
-
-    /// Total messages pending across all queues.
-    pub fn pending_total(&self) -> usize {
-        self.shared
-            .lock()
-            .hosts
-            .values()
-            .map(|h| h.queue.len())
-            .sum()
     }
 }
 
@@ -472,7 +390,7 @@ impl Store for FileStore {
     async fn enqueue(&self, messages: Vec<Message>) -> Vec<Enqueued> {
         let count = messages.len();
         let (reply, answer) = oneshot::channel();
-        let refused = || vec![Enqueued::Refused(500, "the hub is shutting down".into()); count];
+        let refused = || vec![Enqueued::Refused(Refused::Failed); count];
         if self.committer.send(CommitJob { messages, reply }).is_err() {
             return refused();
         }
@@ -786,431 +704,9 @@ fn unlink_all(paths: &[PathBuf]) {
     }
 }
 
-/// The commit thread: takes every job waiting, commits them together, repeats.
-fn commit_loop(shared: &Shared, jobs: &mpsc::Receiver<CommitJob>, heartbeat: &Heartbeat) {
-    loop {
-        // Waiting for messages is not being stuck, however long none come; a commit that
-        // does not end within DISK_BOUND is (a disk that stopped answering).
-        heartbeat.idle();
-        let Ok(first) = jobs.recv() else {
-            return;
-        };
-        heartbeat.busy_for(DISK_BOUND);
-        let mut batch = vec![first];
-        let mut count = batch[0].messages.len();
-        while count < MAX_COMMIT_MESSAGES {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    count += job.messages.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        let mut messages = Vec::with_capacity(count);
-        let mut replies = Vec::with_capacity(batch.len());
-        for job in batch {
-            replies.push((job.messages.len(), job.reply));
-            messages.extend(job.messages);
-        }
-        let mut outcomes = commit(shared, messages).into_iter();
-        for (len, reply) in replies {
-            // A sender that went away (timeout, closed connection) will retry; its messages
-            // are durable and the retry is answered as duplicates.
-            let _ = reply.send(outcomes.by_ref().take(len).collect());
-        }
-    }
-}
-
-/// One group commit. Returns one outcome per message, in order.
-fn commit(shared: &Shared, messages: Vec<Message>) -> Vec<Enqueued> {
-    let mut outcomes = vec![Enqueued::Duplicate; messages.len()];
-    let mut plan = plan(shared, messages, &mut outcomes);
-    if plan.is_empty() {
-        return outcomes;
-    }
-    let started = std::time::Instant::now();
-    let (stored, failure) = write_what_fits(shared, &plan);
-    tracing::debug!(messages = stored, took = ?started.elapsed(), "group commit");
-    let refused = plan.split_off(stored);
-    if stored > 0 {
-        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-        publish_plan(shared, plan, &mut outcomes);
-    }
-    let Some(err) = failure else {
-        shared.shortages.clear(&shared.dir);
-        return outcomes;
-    };
-    let (status, reason, counter) = match err.shortage() {
-        Some(resource) => {
-            shared
-                .shortages
-                .report(&shared.dir, resource, "cannot store messages");
-            let counter = if resource.status() == 507 {
-                &shared.counters.refused_storage_full
-            } else {
-                &shared.counters.refused_unavailable
-            };
-            let reason = format!("the hub cannot store it now: {}", resource.describe());
-            (resource.status(), reason, counter)
-        }
-        None => {
-            tracing::error!(%err, messages = refused.len(), "commit failed; senders will retry");
-            let reason = "the hub could not store the message".to_string();
-            (500, reason, &shared.counters.refused_error)
-        }
-    };
-    tracing::info!(
-        stored,
-        refused = refused.len(),
-        status,
-        "messages refused for now; their senders retry"
-    );
-    counter.fetch_add(refused.len() as u64, Ordering::Relaxed);
-    for item in &refused {
-        outcomes[item.index] = Enqueued::Refused(status, reason.clone());
-    }
-    outcomes
-}
-
-/// Writes the longest prefix of `plan` that the data dir can take: a batch larger than the
-/// free space (or inodes, or descriptors) stores what fits, and the senders of the rest
-/// retry, so a shortage slows a sender down instead of stopping it. Returns how many
-/// messages are durable, and the error that stopped the others.
-fn write_what_fits(shared: &Shared, plan: &[Planned]) -> (usize, Option<Error>) {
-    crate::shortage::longest_prefix(plan, |prefix| write_plan(shared, prefix))
-}
-
-/// Decides, under the lock, what each message becomes: duplicate, refused, or planned with
-/// its recipients and sequence number.
-fn plan(shared: &Shared, messages: Vec<Message>, outcomes: &mut [Enqueued]) -> Vec<Planned> {
-    let mut state = shared.lock();
-    let mut in_batch: HashSet<Uuid> = HashSet::new();
-    let mut added: HashMap<String, usize> = HashMap::new();
-    let mut plan = Vec::new();
-    for (index, message) in messages.into_iter().enumerate() {
-        if state.accepted.contains(&message.id) || !in_batch.insert(message.id) {
-            shared.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(id = %message.id, "duplicate refused");
-            outcomes[index] = Enqueued::Duplicate;
-            continue;
-        }
-        let recipients: Vec<String> = match &message.target {
-            Some(target) => vec![target.clone()],
-            None => state
-                .hosts
-                .iter()
-                .filter(|(name, h)| h.registered_at.is_some() && **name != message.source)
-                .map(|(name, _)| name.clone())
-                .collect(),
-        };
-        // A retry after a crash mid-commit must not queue the message twice for a host.
-        let recipients: Vec<String> = recipients
-            .into_iter()
-            .filter(|r| {
-                state
-                    .hosts
-                    .get(r)
-                    .is_none_or(|h| !h.by_id.contains_key(&message.id))
-            })
-            .collect();
-        let full = recipients.iter().find(|r| {
-            let pending = state.hosts.get(*r).map_or(0, |h| h.queue.len());
-            pending + added.get(*r).copied().unwrap_or(0)
-                >= shared.max_pending_per_host.load(Ordering::Relaxed)
-        });
-        if let Some(full) = full {
-            shared
-                .counters
-                .refused_queue_full
-                .fetch_add(1, Ordering::Relaxed);
-            in_batch.remove(&message.id);
-            outcomes[index] = Enqueued::Refused(
-                429,
-                format!("the queue of host {full} is full; try again later"),
-            );
-            continue;
-        }
-        for r in &recipients {
-            *added.entry(r.clone()).or_default() += 1;
-        }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        plan.push(Planned {
-            index,
-            message_id: message.id,
-            priority: message.priority,
-            seq,
-            expires_at: message.expires_at.map(|t| t.utc()),
-            recipients,
-            bytes: message.to_json(),
-            kind: message.kind.clone(),
-            source: message.source.clone(),
-            target: message.target.clone(),
-        });
-    }
-    plan
-}
-
-/// Steps 1 and 2 of a commit: staging data flushed, then links and ids flushed. On error,
-/// undoes what it did, so nothing of a refused message stays visible, and says how many
-/// leading messages of the plan had their data staged before it.
-fn write_plan(shared: &Shared, plan: &[Planned]) -> Result<(), (Error, usize)> {
-    let staging = shared.dir.join("staging");
-    let queues = shared.dir.join("queues");
-    let log_path = shared.accepted_log();
-    let mut commit = Commit::new();
-    let mut temps: Vec<PathBuf> = Vec::new();
-    let mut links: Vec<PathBuf> = Vec::new();
-    let opened = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .and_then(|mut log| log.seek(SeekFrom::End(0)).map(|len| (log, len)))
-        .ctx("open", &log_path);
-    let (mut log, log_len) = opened.map_err(|e| (e, 0))?;
-    let mut staged = 0;
-
-    let result = (|| -> Result<()> {
-        for item in plan {
-            if !item.recipients.is_empty() {
-                let name = format!("{}.json", item.message_id);
-                let spare = shared.spares().pop();
-                temps.push(commit.write_temp_reusing(
-                    &staging,
-                    &name,
-                    &item.bytes,
-                    spare.as_deref(),
-                )?);
-            }
-            staged += 1;
-        }
-        commit.sync_data()?;
-        let mut ids = String::with_capacity(plan.len() * 37);
-        let mut temp_iter = temps.iter();
-        for item in plan {
-            let temp = if item.recipients.is_empty() {
-                None
-            } else {
-                temp_iter.next()
-            };
-            for host in &item.recipients {
-                let dir = queues.join(host);
-                if !dir.exists() {
-                    fs::create_dir(&dir)
-                        .or_else(|e| {
-                            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })
-                        .ctx("create queue", &dir)?;
-                    commit.touch_dir(&queues);
-                }
-                let link = dir.join(item.queue_name());
-                let temp = temp.expect("a message with recipients has a staging file");
-                fs::hard_link(temp, &link).ctx("link into queue", &link)?;
-                links.push(link);
-                commit.touch_dir(&dir);
-            }
-            ids.push_str(&item.message_id.to_string());
-            ids.push('\n');
-        }
-        log.write_all(ids.as_bytes()).ctx("append", &log_path)?;
-        commit.add_file(&log_path)?;
-        commit.sync()
-    })();
-
-    unlink_all(&temps);
-    if result.is_err() {
-        unlink_all(&links);
-        let _ = log.set_len(log_len);
-    }
-    result.map_err(|e| (e, staged))
-}
-
-/// Step 3: the messages are durable; make them visible, count them and wake recipients.
-fn publish_plan(shared: &Shared, plan: Vec<Planned>, outcomes: &mut [Enqueued]) {
-    let now = SystemTime::now();
-    let mut wake = Vec::new();
-    let count = plan.len();
-    {
-        let mut state = shared.lock();
-        for mut item in plan {
-            state.accepted.insert(item.message_id);
-            let cost = item.bytes.len() * item.recipients.len();
-            let cache = shared.cached_bytes.load(Ordering::Relaxed) + cost <= MAX_CACHED_BYTES;
-            let bytes = cache.then(|| {
-                shared.cached_bytes.fetch_add(cost, Ordering::Relaxed);
-                Bytes::from(std::mem::take(&mut item.bytes))
-            });
-            for host in &item.recipients {
-                let entry = state.hosts.entry(host.clone()).or_insert_with(Host::new);
-                entry.insert(
-                    (item.priority.rank(), item.seq),
-                    Entry {
-                        id: item.message_id,
-                        file: item.queue_name(),
-                        queued_at: now,
-                        expires_at: item.expires_at,
-                        bytes: bytes.clone(),
-                    },
-                );
-                wake.push(Arc::clone(&entry.notify));
-            }
-            outcomes[item.index] = Enqueued::Accepted(item.recipients.len());
-            // One line per message costs more than the commit at full speed: at debug.
-            tracing::debug!(
-                id = %item.message_id,
-                r#type = %item.kind,
-                source = %item.source,
-                host = item.target.as_deref().unwrap_or("(broadcast)"),
-                recipients = item.recipients.len(),
-                "message accepted"
-            );
-        }
-    }
-    tracing::info!(count, "messages accepted");
-    shared
-        .counters
-        .accepted
-        .fetch_add(count as u64, Ordering::Relaxed);
-    for notify in wake {
-        notify.notify_waiters();
-    }
-}
-
-/// Rebuilds the in-memory state from the files.
-fn recover(dir: &Path) -> Result<State> {
-    let mut state = State {
-        accepted: read_accepted_log(&dir.join("accepted.log"))?,
-        ..State::default()
-    };
-    let hosts_dir = dir.join("hosts");
-    for name in spool::list(&hosts_dir)? {
-        let path = hosts_dir.join(&name);
-        let Some(host) = name.strip_suffix(".json") else {
-            continue;
-        };
-        let record = fs::read(&path)
-            .ok()
-            .and_then(|text| serde_json::from_slice::<HostRecord>(&text).ok());
-        let Some(record) = record else {
-            tracing::warn!(path = %path.display(), "ignoring an unreadable host record");
-            continue;
-        };
-        let modified = fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let entry = state
-            .hosts
-            .entry(host.to_string())
-            .or_insert_with(Host::new);
-        entry.registered_at = Some(record.registered_at.utc());
-        entry.last_seen = modified.map(DateTime::<Utc>::from);
-        entry.last_seen_saved = entry.last_seen;
-    }
-    let queues = dir.join("queues");
-    let host_dirs = match fs::read_dir(&queues) {
-        Ok(entries) => entries,
-        Err(e) => return Err(e).ctx("list", &queues),
-    };
-    let mut max_seq = 0;
-    for host_dir in host_dirs {
-        let host_dir = host_dir.ctx("list", &queues)?;
-        let Ok(host) = host_dir.file_name().into_string() else {
-            continue;
-        };
-        let path = host_dir.path();
-        if !path.is_dir() {
-            continue;
-        }
-        spool::remove_debris(&path, Duration::ZERO)?;
-        let entry = state.hosts.entry(host.clone()).or_insert_with(Host::new);
-        for name in spool::list(&path)? {
-            let Some((rank, seq, id)) = parse_queue_file_name(&name) else {
-                tracing::warn!(file = %path.join(&name).display(), "ignoring a file that is not a queue entry");
-                continue;
-            };
-            let file = path.join(&name);
-            let meta = fs::metadata(&file).ctx("stat", &file)?;
-            let expires_at = fs::read(&file)
-                .ok()
-                .and_then(|b| Message::parse(&b).ok())
-                .and_then(|m| m.expires_at.map(|t| t.utc()));
-            max_seq = max_seq.max(seq + 1);
-            entry.insert(
-                (rank, seq),
-                Entry {
-                    id,
-                    file: name,
-                    queued_at: meta.modified().unwrap_or_else(|_| SystemTime::now()),
-                    expires_at,
-                    bytes: None,
-                },
-            );
-        }
-    }
-    state.next_seq = max_seq;
-    let pending: usize = state.hosts.values().map(|h| h.queue.len()).sum();
-    tracing::info!(
-        hosts = state.hosts.len(),
-        pending,
-        accepted = state.accepted.len(),
-        "store recovered"
-    );
-    Ok(state)
-}
-
-/// Reads the accepted ids. A torn last line (a crash in the middle of an append) is cut off
-/// so the next append starts on a line of its own.
-fn read_accepted_log(path: &Path) -> Result<HashSet<Uuid>> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
-        Err(e) => return Err(e).ctx("open", path),
-    };
-    let mut ids = HashSet::new();
-    let mut good_len: u64 = 0;
-    let mut reader = BufReader::new(file);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = reader.read_line(&mut line).ctx("read", path)?;
-        if n == 0 {
-            break;
-        }
-        if !line.ends_with('\n') {
-            break; // torn tail
-        }
-        if let Ok(id) = Uuid::try_parse(line.trim_end()) {
-            ids.insert(id);
-        }
-        good_len += n as u64;
-    }
-    let len = fs::metadata(path).ctx("stat", path)?.len();
-    if len != good_len {
-        tracing::warn!(path = %path.display(), "cutting a torn line off the end of the log");
-        OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_len(good_len))
-            .ctx("truncate", path)?;
-    }
-    Ok(ids)
-}
-
 /// Free bytes where `dir` is; unknown counts as plenty (the probe's write decides then).
 fn spool_free_bytes(dir: &Path) -> u64 {
     crate::shortage::free_bytes(dir).unwrap_or(u64::MAX)
-}
-
-fn clear_dir(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).ctx("list", dir)? {
-        let entry = entry.ctx("list", dir)?;
-        let path = entry.path();
-        fs::remove_file(&path).ctx("remove", &path)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1236,17 +732,5 @@ mod tests {
             })
             .collect();
         assert_eq!(parsed, vec![(0, 9), (0, 10), (1, 3), (2, 1)]);
-    }
-
-    #[test]
-    fn a_torn_log_line_is_cut_off() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("accepted.log");
-        let id = Uuid::new_v4();
-        fs::write(&path, format!("{id}\n1234-ab")).unwrap();
-        let ids = read_accepted_log(&path).unwrap();
-        assert_eq!(ids.len(), 1);
-        assert!(ids.contains(&id));
-        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{id}\n"));
     }
 }
