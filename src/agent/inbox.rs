@@ -273,8 +273,11 @@ fn write_batch(agent: &Agent, messages: &[Message]) -> Result<(), (Error, usize)
     let mut commit = Commit::new();
     commit.touch_dir(&inbox);
     let mut temps: Vec<PathBuf> = Vec::with_capacity(messages.len());
+    let mut bytes = 0;
     for message in messages {
-        match commit.write_temp(&inbox, &message.file_name(), &message.to_json()) {
+        let json = message.to_json();
+        bytes += json.len();
+        match commit.write_temp(&inbox, &message.file_name(), &json) {
             Ok(temp) => temps.push(temp),
             Err(err) => {
                 remove_all(&temps);
@@ -316,6 +319,7 @@ fn write_batch(agent: &Agent, messages: &[Message]) -> Result<(), (Error, usize)
         }
         return Err((err, messages.len()));
     }
+    agent.hand_over(messages, bytes);
     tracing::info!(count = messages.len(), "delivered to inbox");
     for message in messages {
         tracing::debug!(id = %message.id, r#type = %message.kind, source = %message.source, "delivered to inbox");

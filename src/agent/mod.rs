@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod runner;
 pub mod status;
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -28,10 +29,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::client::HubClient;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::message::Message;
 use crate::shortage::{Resource, Shortages};
 use crate::{service, spool};
 use clock::{ClockWatch, wall_seconds};
@@ -40,6 +43,17 @@ use status::Status;
 
 /// How long a hook in progress may take to finish once shutdown was asked for.
 const HOOK_GRACE: Duration = Duration::from_secs(10);
+/// Most messages, and bytes of them, handed from the inbox loop to the hook runner in
+/// memory.
+const MAX_HANDED: usize = 4096;
+const MAX_HANDED_BYTES: usize = 16 * 1024 * 1024;
+
+/// Messages in memory between the inbox loop and the hook runner, with their sizes.
+#[derive(Default)]
+struct Handed {
+    messages: HashMap<Uuid, (Arc<Message>, usize)>,
+    bytes: usize,
+}
 /// How often crash debris is looked for.
 const DEBRIS_SWEEP: Duration = Duration::from_secs(600);
 
@@ -54,6 +68,10 @@ pub struct Agent {
     pub ledger: Mutex<Ledger>,
     /// Woken when the inbox loop delivered messages whose hooks must run.
     pub hooks_wake: Notify,
+    /// Messages the inbox loop just wrote, handed to the hook runner so that it need not
+    /// read and parse each file again. Bounded: past [`MAX_HANDED`] messages or
+    /// [`MAX_HANDED_BYTES`], the runner reads the files.
+    handed: Mutex<Handed>,
     /// What the file watcher saw in `outbox/`.
     pub outbox_events: Arc<outbox::OutboxEvents>,
     pub status: Mutex<Status>,
@@ -78,6 +96,36 @@ impl Agent {
 
     pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands messages just written into the inbox (`bytes` of JSON in all) to the hook
+    /// runner, when they fit in the bounds.
+    pub fn hand_over(&self, messages: &[Message], bytes: usize) {
+        let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        let each = bytes / messages.len().max(1);
+        for message in messages {
+            if handed.messages.len() >= MAX_HANDED || handed.bytes + each > MAX_HANDED_BYTES {
+                return;
+            }
+            handed.bytes += each;
+            handed
+                .messages
+                .insert(message.id, (Arc::new(message.clone()), each));
+        }
+    }
+
+    /// The message `id`, as the inbox loop handed it over, while its inbox file is there
+    /// (a file removed by hand means no hook, as when the runner reads it).
+    pub fn handed_over(&self, id: &Uuid, inbox_file: &Path) -> Option<Arc<Message>> {
+        let message = {
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            let (message, size) = handed.messages.remove(id)?;
+            handed.bytes -= size;
+            message
+        };
+        fs::symlink_metadata(inbox_file)
+            .is_ok_and(|m| m.is_file())
+            .then_some(message)
     }
 
     /// Notes that `dir` is short of `resource` (logged once), for `mesync status`.
@@ -215,6 +263,7 @@ pub async fn run(
         reloaded: Notify::new(),
         ledger: Mutex::new(ledger),
         hooks_wake: Notify::new(),
+        handed: Mutex::default(),
         outbox_events: Arc::default(),
         status: Mutex::new(status),
         shortages: Shortages::default(),

@@ -51,10 +51,14 @@ async fn run_hook(agent: &Agent, heartbeat: &Heartbeat, id: Uuid, delivery: &Del
     heartbeat.busy_for(DISK_BOUND);
     let config = agent.config();
     let inbox_file = config.inbox_dir().join(&delivery.file);
-    let message = match crate::spool::read_regular(&inbox_file)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| Message::parse(&bytes))
-    {
+    let message = match agent.handed_over(&id, &inbox_file).map_or_else(
+        || {
+            crate::spool::read_regular(&inbox_file)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| Message::parse(&bytes).map(Arc::new))
+        },
+        Ok,
+    ) {
         Ok(message) => message,
         Err(reason) => {
             // Flushed from the inbox (or damaged by hand) before its hook ran.
