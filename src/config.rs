@@ -121,6 +121,16 @@ impl Config {
     pub fn state_dir(&self) -> PathBuf {
         self.base_dir.join("state")
     }
+    /// The directories the agent writes: the four queues and `state/` (not `hooks/`).
+    pub fn written_dirs(&self) -> [PathBuf; 5] {
+        [
+            self.outbox_dir(),
+            self.inbox_dir(),
+            self.sent_dir(),
+            self.failed_dir(),
+            self.state_dir(),
+        ]
+    }
 
     /// Resolves the configuration from the flags, the process environment and the file.
     pub fn load(overrides: &Overrides) -> Result<Config> {

@@ -46,6 +46,25 @@ fn post_batch(hub: &Hub, target: &str, sizes: &[usize], priority: &str) -> Vec<S
     ids
 }
 
+/// Drops `n` complete messages of about `size` bytes for `target` into `tx`'s outbox, as
+/// files; returns their ids.
+fn drop_complete(tx: &Agent, target: &str, n: usize, size: usize) -> Vec<String> {
+    let outbox = tx.dir("outbox");
+    (0..n)
+        .map(|i| {
+            let msg = message(
+                "short.test",
+                "tx",
+                Some(target),
+                "normal",
+                payload_of(size, i),
+            );
+            write_atomic(&outbox, &file_name_for(&msg), msg.to_string().as_bytes());
+            id_of(&msg)
+        })
+        .collect()
+}
+
 /// `mesync status --json` of an agent.
 fn status(agent: &Agent) -> Value {
     let out = agent.cmd(&["status", "--json"]);
@@ -92,6 +111,38 @@ impl Consumer {
         }
         assert_eq!(self.seen.len(), ids.len(), "nothing else was consumed");
     }
+}
+
+/// Posts a batch of messages of `sizes` for `rx`, whose inbox is short of `resource`
+/// (logged with `said`): some arrive at once, `mesync status` names the resource, and a
+/// consumer moving files out of the inbox gets every message once.
+fn takes_what_fits_then_the_rest_as_consumed(
+    hub: &Hub,
+    rx: &Agent,
+    sizes: &[usize],
+    resource: &str,
+    said: &str,
+) {
+    let ids = post_batch(hub, "rx", sizes, "normal");
+    wait_until(TIMEOUT, "the messages that fit arrive", || {
+        !rx.files("inbox").is_empty() && rx.logs.contains(said)
+    });
+    let arrived = rx.files("inbox").len();
+    assert!(
+        (1..ids.len()).contains(&arrived),
+        "{arrived} of {} fit",
+        ids.len()
+    );
+    wait_until(TIMEOUT, "mesync status says which resource", || {
+        short_of(rx) == [resource]
+    });
+    let mut consumer = Consumer::default();
+    wait_until(LONG_TIMEOUT, "every message reaches the consumer", || {
+        consumer.take_all(&rx.dir("inbox"));
+        consumer.seen.len() == ids.len()
+    });
+    consumer.assert_once_each(&ids);
+    wait_until(TIMEOUT, "the shortage is over", || short_of(rx).is_empty());
 }
 
 /// The value of a `/metrics` line that starts with `prefix` (name and labels).
@@ -263,22 +314,7 @@ fn an_inbox_without_free_inodes_takes_what_fits_and_recovers() {
     };
     rx.start();
     hub.wait_registered(&["rx"]);
-    let ids = post_batch(&hub, "rx", &[400; 30], "normal");
-    wait_until(TIMEOUT, "the messages that fit arrive", || {
-        !rx.files("inbox").is_empty() && rx.logs.contains("no free inodes")
-    });
-    let arrived = rx.files("inbox").len();
-    assert!((1..30).contains(&arrived), "{arrived} of 30 with 7 inodes");
-    wait_until(TIMEOUT, "mesync status says which resource", || {
-        short_of(&rx) == ["inodes"]
-    });
-    let mut consumer = Consumer::default();
-    wait_until(LONG_TIMEOUT, "every message reaches the consumer", || {
-        consumer.take_all(&rx.dir("inbox"));
-        consumer.seen.len() == ids.len()
-    });
-    consumer.assert_once_each(&ids);
-    wait_until(TIMEOUT, "the shortage is over", || short_of(&rx).is_empty());
+    takes_what_fits_then_the_rest_as_consumed(&hub, &rx, &[400; 30], "inodes", "no free inodes");
 }
 
 #[test]
@@ -479,13 +515,7 @@ fn a_hub_short_of_file_descriptors_stores_big_batches_and_recovers() {
 
     // A few descriptors to spare: a commit of hundreds of messages must fit in them.
     prlimit_nofile(pid, open_fds(pid) + 6);
-    let outbox = tx.dir("outbox");
-    let mut ids = Vec::new();
-    for i in 0..300 {
-        let msg = message("short.test", "tx", Some("rx"), "normal", json!({"i": i}));
-        ids.push(id_of(&msg));
-        write_atomic(&outbox, &file_name_for(&msg), msg.to_string().as_bytes());
-    }
+    let ids = drop_complete(&tx, "rx", 300, 300);
     wait_until(
         LONG_TIMEOUT,
         "a big batch passes with few descriptors",
@@ -673,22 +703,7 @@ fn an_inbox_over_its_quota_takes_what_fits_and_the_rest_as_it_is_consumed() {
     };
     rx.start();
     hub.wait_registered(&["rx"]);
-    let ids = post_batch(&hub, "rx", &[5_000; 20], "normal");
-    wait_until(TIMEOUT, "the messages within the quota arrive", || {
-        !rx.files("inbox").is_empty() && rx.logs.contains("quota")
-    });
-    let arrived = rx.files("inbox").len();
-    assert!((1..20).contains(&arrived), "{arrived} of 20 within 60 KB");
-    wait_until(TIMEOUT, "mesync status says which resource", || {
-        short_of(&rx) == ["quota"]
-    });
-    let mut consumer = Consumer::default();
-    wait_until(LONG_TIMEOUT, "every message reaches the consumer", || {
-        consumer.take_all(&rx.dir("inbox"));
-        consumer.seen.len() == ids.len()
-    });
-    consumer.assert_once_each(&ids);
-    wait_until(TIMEOUT, "the shortage is over", || short_of(&rx).is_empty());
+    takes_what_fits_then_the_rest_as_consumed(&hub, &rx, &[5_000; 20], "quota", "quota");
 }
 
 #[test]

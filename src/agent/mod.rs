@@ -219,14 +219,11 @@ pub async fn apply_reload(agent: &Agent, new: Config) {
 
 /// Creates the base dir's queues if they are missing.
 pub fn ensure_dirs(config: &Config) -> Result<()> {
-    for dir in [
-        config.outbox_dir(),
-        config.inbox_dir(),
-        config.sent_dir(),
-        config.failed_dir(),
-        config.hooks_dir(),
-        config.state_dir(),
-    ] {
+    for dir in config
+        .written_dirs()
+        .into_iter()
+        .chain([config.hooks_dir()])
+    {
         spool::ensure_dir(&dir)?;
     }
     Ok(())
@@ -386,13 +383,7 @@ fn tidy(config: &Config, clock: &ClockWatch, sweep_debris: bool) -> Result<()> {
         tracing::info!(purged, "purged sent/ files older than sent_ttl");
     }
     if sweep_debris {
-        for dir in [
-            config.outbox_dir(),
-            config.inbox_dir(),
-            config.sent_dir(),
-            config.failed_dir(),
-            config.state_dir(),
-        ] {
+        for dir in config.written_dirs() {
             let removed = spool::remove_debris(&dir, spool::DEBRIS_AGE)?;
             if removed > 0 {
                 tracing::info!(removed, dir = %dir.display(), "removed crash debris");

@@ -18,13 +18,7 @@ use crate::spool;
 /// shortages are history, not news.
 fn shortages(config: &Config, running: Option<&Status>) -> Vec<Shortage> {
     let mut all: Vec<Shortage> = running.map(|s| s.shortages.clone()).unwrap_or_default();
-    for dir in [
-        config.outbox_dir(),
-        config.inbox_dir(),
-        config.sent_dir(),
-        config.failed_dir(),
-        config.state_dir(),
-    ] {
+    for dir in config.written_dirs() {
         if all.iter().any(|s| s.dir == dir) {
             continue;
         }
