@@ -35,8 +35,10 @@ pub const DEBRIS_AGE: Duration = Duration::from_secs(3600);
 pub struct Commit {
     /// Permission bits new files are created with (before the umask).
     mode: u32,
-    /// Files whose data must be durable, with their descriptor while it may be needed to
-    /// fsync them (see [`Commit::release_handles`]).
+    /// Files whose data must be durable, each with its handle while it may be fsync'd on
+    /// its own. Past [`SYNCFS_THRESHOLD`] pending files the commit flushes with `syncfs`,
+    /// which needs no handle, so they are closed: a commit of thousands of files would
+    /// otherwise hold thousands of descriptors (the default soft limit is 1,024).
     files: Vec<(PathBuf, Option<File>)>,
     /// How many of `files` are durable already.
     synced_files: usize,
@@ -103,26 +105,24 @@ impl Commit {
             let _ = fs::remove_file(&path);
             return Err(e).ctx("write", &path);
         }
-        self.files.push((path.clone(), Some(file)));
-        self.release_handles();
+        self.keep(path.clone(), file);
         Ok(path)
     }
 
     /// Adds an already written file (e.g. an append-only log) whose data must be durable.
     pub fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).ctx("open", path)?;
-        self.files.push((path.to_path_buf(), Some(file)));
-        self.release_handles();
+        self.keep(path.to_path_buf(), file);
         Ok(())
     }
 
-    /// Closes the descriptors of files that will be made durable by `syncfs` (more than
-    /// [`SYNCFS_THRESHOLD`] pending), which needs none of them: a commit of thousands of
-    /// files must not hold thousands of descriptors, or it fails for want of them (EMFILE)
-    /// where a smaller one would pass.
-    fn release_handles(&mut self) {
-        if cfg!(target_os = "linux") && self.files.len() - self.synced_files > SYNCFS_THRESHOLD {
-            for (_, handle) in &mut self.files[self.synced_files..] {
+    fn keep(&mut self, path: PathBuf, file: File) {
+        self.files.push((path, Some(file)));
+        let pending = &mut self.files[self.synced_files..];
+        if pending.len() > SYNCFS_THRESHOLD && cfg!(target_os = "linux") {
+            // The earlier ones were closed when they were added, except right past the
+            // threshold: closing the last few keeps this O(1) per file.
+            for (_, handle) in pending.iter_mut().rev().take(SYNCFS_THRESHOLD + 1) {
                 *handle = None;
             }
         }
@@ -170,12 +170,13 @@ impl Commit {
     }
 }
 
-/// fsync(2)'s data part on `path`, through `file` when it is still open.
-fn fsync_data(path: &Path, file: Option<&File>) -> Result<()> {
-    match file {
+/// fsync of a file's data, through its handle if it is still open (it always is when the
+/// commit flushes file by file; opening it again is only a safety net).
+fn fsync_data(path: &Path, handle: Option<&File>) -> Result<()> {
+    match handle {
         Some(file) => file.sync_data().ctx("fsync", path),
         None => File::open(path)
-            .and_then(|f| f.sync_data())
+            .and_then(|file| file.sync_data())
             .ctx("fsync", path),
     }
 }
@@ -431,6 +432,26 @@ mod tests {
         assert_eq!(list(tmp.path()).unwrap(), names);
         let all = fs::read_dir(tmp.path()).unwrap().count();
         assert_eq!(all, 10, "no temporary file is left behind");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_big_commit_holds_few_descriptors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = || fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open();
+        let mut commit = Commit::new();
+        commit.touch_dir(tmp.path());
+        for i in 0..500 {
+            commit
+                .write_temp(tmp.path(), &format!("m{i}.json"), b"{}")
+                .unwrap();
+        }
+        // Other tests of this process open files too, but not hundreds at once.
+        let held = open().saturating_sub(before);
+        assert!(held < 100, "a commit of 500 files holds {held} descriptors");
+        commit.sync_data().unwrap();
+        commit.sync().unwrap();
     }
 
     #[test]

@@ -4,8 +4,22 @@
 //! 5xx, 429, 507) they stay in `outbox/` and the loop backs off; nothing needs a manual retry.
 //!
 //! A file dropped by hand may hold only `type` and `payload`. Before it is sent, it is
-//! completed (id, source, time...) and rewritten in place atomically, so a retry after a
-//! crash sends the same id and the hub recognises it.
+//! completed (id, source, created_at, priority, target) and rewritten in place, atomically
+//! and durably, so that a retry after a crash sends the same id and the hub recognises it.
+//! Every file completed in one scan is rewritten in one group commit ([`spool::publish`]:
+//! temporary files, one flush, renames over the hand-dropped files, one flush), up to
+//! [`MAX_BATCH`] at a time, and only then is any of them sent: a backlog of hand-dropped
+//! files costs two flushes per thousand, not two per file.
+//!
+//! Why the completion is written down rather than derived from the file as it lies on disk
+//! (an id hashed from its name, inode, times and contents would need no write at all): a
+//! derived id is only as stable as what it is derived from. A `chmod`, a `touch` or a
+//! backup tool's extended attribute changes the times, and a retry would send a new id (a
+//! duplicate in the receiver's inbox); a script that drops the same `heartbeat.json` again
+//! once the last one was purged from `sent/` can get the same inode, name and contents
+//! back, and the hub would drop the new message as a duplicate of the old. A random id,
+//! written into the file before it is sent, has neither failure, and the file stays the
+//! one truth about the message (`cat` shows what was sent).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -53,6 +67,21 @@ struct Ready {
 /// The outbox files read so far, by name. Each file is read and parsed once, however often
 /// the outbox is scanned while a backlog drains.
 type Known = HashMap<String, Arc<Ready>>;
+
+/// What the sender keeps between passes over `outbox/`.
+#[derive(Default)]
+struct Outbox {
+    /// The files read so far, ready to send.
+    known: Known,
+    /// Files that could not be read as messages yet but may still be being written: read
+    /// again at the next pass, without waiting for the watcher to name them again.
+    recheck: Vec<String>,
+    /// True once every completion renamed into `outbox/` is known to be durable. False at
+    /// start, since a previous run may have died between its renames and their flush, and
+    /// after a completion that failed half-way; an fsync of the directory (the data was
+    /// flushed before the renames) sets it before anything is read and sent.
+    renames_durable: bool,
+}
 
 /// How a pass over the outbox ended.
 enum Pass {
@@ -145,7 +174,7 @@ pub fn watch(dir: &Path, events: Arc<OutboxEvents>) -> Option<notify::Recommende
 /// them).
 pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-    let mut known = Known::new();
+    let mut outbox = Outbox::default();
     let mut last_full_scan: Option<Instant> = None;
     loop {
         let events = &agent.outbox_events;
@@ -159,7 +188,7 @@ pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
         } else {
             Some(events.take_names())
         };
-        let pass = send_pass(&agent, &heartbeat, &mut known, names).await;
+        let pass = send_pass(&agent, &heartbeat, &mut outbox, names).await;
         let (wait, wake_early) = match pass {
             Pass::Done => {
                 backoff.reset();
@@ -193,35 +222,37 @@ pub async fn run(agent: Arc<Agent>, heartbeat: Heartbeat) {
 async fn send_pass(
     agent: &Arc<Agent>,
     heartbeat: &Heartbeat,
-    known: &mut Known,
+    outbox: &mut Outbox,
     names: Option<Vec<String>>,
 ) -> Pass {
     let config = agent.config();
-    let mut cache = std::mem::take(known);
+    let mut state = std::mem::take(outbox);
     let scanning = heartbeat.clone();
     let full = names.is_none();
     let scanned = tokio::task::spawn_blocking(move || {
-        let soon = scan(&config, &mut cache, names, &scanning);
-        (cache, soon)
+        let soon = scan(&config, &mut state, names, &scanning);
+        (state, soon)
     })
     .await;
     let soon = match scanned {
-        Ok((cache, Ok((soon, deferred)))) => {
-            *known = cache;
+        Ok((state, Ok((soon, deferred)))) => {
+            *outbox = state;
             note_deferred(agent, &deferred, full);
             // What was read is sent all the same; the rest is looked at again soon.
             soon || !deferred.is_empty()
         }
-        Ok((cache, Err(err))) => {
-            *known = cache;
+        Ok((state, Err(err))) => {
+            *outbox = state;
             note_deferred(agent, std::slice::from_ref(&err), false);
             true
         }
         Err(err) => {
+            // The state went with the task: start again from the directory.
             tracing::error!(%err, "outbox scan failed");
             return Pass::Soon;
         }
     };
+    let known = &mut outbox.known;
     let mut ready: Vec<Arc<Ready>> = known.values().cloned().collect();
     ready.sort_by(|a, b| a.message.send_order(&b.message));
     let mut rest = ready.as_slice();
@@ -365,10 +396,15 @@ async fn send_batch(
         Ok((status, reply)) => {
             agent.hub_result(Ok(()));
             let mut transient = None;
+            // Looked up once per message of a batch of up to a thousand.
+            let taken: HashSet<&uuid::Uuid> =
+                reply.accepted.iter().chain(&reply.duplicates).collect();
+            let filed_before = filing.sent.len();
             for item in batch {
                 let id = item.message.id;
-                if reply.accepted.contains(&id) || reply.duplicates.contains(&id) {
-                    tracing::info!(%id, r#type = %item.message.kind, "sent");
+                if taken.contains(&id) {
+                    // One line per batch at info (below); each id at debug.
+                    tracing::debug!(%id, r#type = %item.message.kind, "sent");
                     filing
                         .sent
                         .push((item.file.clone(), item.message.file_name()));
@@ -385,6 +421,14 @@ async fn send_batch(
                         ));
                     }
                 }
+            }
+            let sent = filing.sent.len() - filed_before;
+            if sent > 0 {
+                tracing::info!(
+                    messages = sent,
+                    duplicates = reply.duplicates.len(),
+                    "sent a batch"
+                );
             }
             match transient {
                 Some(err) => Err(err),
@@ -459,91 +503,168 @@ pub fn move_to_failed(config: &Config, file: &str, reason: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads outbox files not read before into `known`: the files `names` (from the watcher),
-/// or, when `None`, every file of the directory, forgetting files that are gone. Returns
-/// whether a file is worth another look soon, and the errors of files left for a later
-/// scan. Invalid files go to `failed/`; hand-dropped ones are completed in place.
+/// Reads outbox files not read before into `outbox.known`: the files `names` (from the
+/// watcher) and those to look at again, or, when `None`, every file of the directory,
+/// forgetting files that are gone. Returns whether a file is worth another look soon.
+/// Invalid files go to `failed/`; hand-dropped ones are completed in place (see
+/// [`complete`]) before they are known, so nothing is sent under an id that is not durable.
 fn scan(
     config: &Config,
-    known: &mut Known,
+    outbox: &mut Outbox,
     names: Option<Vec<String>>,
     heartbeat: &Heartbeat,
 ) -> Result<(bool, Vec<crate::error::Error>)> {
-    let outbox = config.outbox_dir();
+    let dir = config.outbox_dir();
     // Each file is a step of its own: a backlog of thousands takes as long as it takes.
     heartbeat.busy_for(DISK_BOUND);
-    let names = match names {
-        Some(names) => names,
+    let mut names = match names {
+        Some(mut names) => {
+            names.append(&mut outbox.recheck);
+            names
+        }
         None => {
-            let names = spool::list(&outbox)?;
+            outbox.recheck.clear();
+            let names = spool::list(&dir)?;
             let present: HashSet<&String> = names.iter().collect();
-            known.retain(|name, _| present.contains(name));
+            outbox.known.retain(|name, _| present.contains(name));
             names
         }
     };
-    let mut soon = false;
-    let mut deferred = Vec::new();
-    for file in &names {
-        if known.contains_key(file) {
-            continue;
+    // The watcher names a file once per event (created, written, closed, renamed).
+    let mut seen = HashSet::with_capacity(names.len());
+    names.retain(|name| !outbox.known.contains_key(name) && seen.insert(name.clone()));
+    if !outbox.renames_durable {
+        if let Err(err) = spool::sync_dir(&dir) {
+            outbox.recheck.extend(names);
+            return Err(err);
         }
+        outbox.renames_durable = true;
+    }
+    let mut completed = Vec::new();
+    let mut deferred = Vec::new();
+    for file in names {
         heartbeat.busy_for(DISK_BOUND);
-        let path = outbox.join(file);
-        let bytes = match spool::read_regular(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
-                tracing::debug!(%file, "ignoring a directory in outbox/");
-                continue;
+        match read_file(config, &dir, &file) {
+            Ok(Read::Message(ready, false)) => {
+                outbox.known.insert(file, ready);
             }
-            // A named pipe, a socket, a device: nothing to send, and reading one could hang
-            // the sender (a pipe without a writer) or never end (a device).
-            Err(e) if e.kind() == spool::NOT_REGULAR => {
-                defer(&mut deferred, move_to_failed(config, file, &e.to_string()));
-                continue;
+            Ok(Read::Message(ready, true)) => completed.push(ready),
+            Ok(Read::Young) => outbox.recheck.push(file),
+            Ok(Read::Skip) => {}
+            // Out of descriptors, or no room in failed/ for its reason: this file is read
+            // again at the next pass, and the others go on. One file that cannot be handled
+            // now must not hold up the rest.
+            Err(err) => {
+                tracing::debug!(%err, %file, "outbox file left for the next pass");
+                outbox.recheck.push(file);
+                deferred.push(err);
             }
-            // Out of descriptors, say: this file waits, the others go on.
-            Err(e) => {
-                defer(&mut deferred, Err(e).ctx("read", &path));
-                continue;
-            }
-        };
-        match read_message(&bytes, &config.host_id) {
-            Ok((message, completed)) => {
-                let json = message.to_json();
-                if completed {
-                    if let Err(err) = spool::write_atomic(&outbox, file, &json) {
-                        // Not sent without its id on disk: a retry must send the same one.
-                        defer(&mut deferred, Err(err));
-                        continue;
-                    }
-                    tracing::info!(id = %message.id, %file, "completed a hand-dropped message");
-                }
-                let ready = Ready {
-                    file: file.clone(),
-                    message,
-                    json,
-                };
-                known.insert(file.clone(), Arc::new(ready));
-            }
-            Err(reason) if is_young(&path) => {
-                tracing::debug!(%file, %reason, "unreadable outbox file may still be being written");
-                soon = true;
-            }
-            Err(reason) => defer(&mut deferred, move_to_failed(config, file, &reason)),
         }
     }
-    Ok((soon, deferred))
+    deferred.extend(complete(&dir, outbox, completed, heartbeat));
+    Ok((!outbox.recheck.is_empty(), deferred))
 }
 
-/// Keeps the error of a file left for a later scan, which goes on with the other files:
-/// one file that cannot be completed or moved to `failed/` (a full disk) must not hold up
-/// the rest.
-fn defer(deferred: &mut Vec<crate::error::Error>, result: Result<()>) {
-    if let Err(err) = result {
-        tracing::debug!(%err, "outbox file left for the next scan");
-        deferred.push(err);
+/// What reading one outbox file gave.
+enum Read {
+    /// A valid message, and whether it was completed (a hand-dropped file, to rewrite).
+    Message(Arc<Ready>, bool),
+    /// Not a message yet, but young enough to be still being written.
+    Young,
+    /// Nothing to send: gone, a directory, or moved to `failed/`.
+    Skip,
+}
+
+fn read_file(config: &Config, dir: &Path, file: &str) -> Result<Read> {
+    let path = dir.join(file);
+    let bytes = match spool::read_regular(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::Skip),
+        Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+            tracing::debug!(%file, "ignoring a directory in outbox/");
+            return Ok(Read::Skip);
+        }
+        // A named pipe, a socket, a device: nothing to send, and reading one could hang
+        // the sender (a pipe without a writer) or never end (a device).
+        Err(e) if e.kind() == spool::NOT_REGULAR => {
+            move_to_failed(config, file, &e.to_string())?;
+            return Ok(Read::Skip);
+        }
+        Err(e) => return Err(e).ctx("read", &path),
+    };
+    match read_message(&bytes, &config.host_id) {
+        Ok((message, completed)) => {
+            let json = message.to_json();
+            let ready = Ready {
+                file: file.to_string(),
+                message,
+                json,
+            };
+            Ok(Read::Message(Arc::new(ready), completed))
+        }
+        // A JSON object is never valid before its last byte is written, so a file being
+        // written (in place, against the README's advice to rename it into place) reads
+        // as invalid until it is whole: only its age tells it from a broken file.
+        Err(reason) if is_young(&path) => {
+            tracing::debug!(%file, %reason, "unreadable outbox file may still be being written");
+            Ok(Read::Young)
+        }
+        Err(reason) => {
+            move_to_failed(config, file, &reason)?;
+            Ok(Read::Skip)
+        }
     }
+}
+
+/// Rewrites the completed hand-dropped files over themselves, up to [`MAX_BATCH`] in one
+/// group commit, and makes them known (ready to send) once that commit is durable. If a
+/// script renames another file over the same name between the read and the completion's
+/// rename, the completion replaces it: a name reused before its file has left `outbox/`
+/// loses one of the two, as the script's own `mv` over the unsent file would have.
+///
+/// A commit that fails leaves each of its files whole, either as dropped (completed again,
+/// with a new id, at the next pass: none was sent) or completed but maybe not durable (the
+/// directory is flushed again before anything is sent: see [`Outbox::renames_durable`]).
+///
+/// Short of space, the longest prefix that fits is completed (and sent); the rest waits
+/// for the next pass. Returns the errors that left files uncompleted.
+fn complete(
+    dir: &Path,
+    outbox: &mut Outbox,
+    completed: Vec<Arc<Ready>>,
+    heartbeat: &Heartbeat,
+) -> Vec<crate::error::Error> {
+    let mut errors = Vec::new();
+    for chunk in completed.chunks(MAX_BATCH) {
+        heartbeat.busy_for(DISK_BOUND);
+        let files: Vec<spool::NewFile<'_>> = chunk
+            .iter()
+            .map(|ready| spool::NewFile {
+                dir,
+                name: &ready.file,
+                bytes: &ready.json,
+            })
+            .collect();
+        let (done, failure) = crate::shortage::longest_prefix(&files, |prefix| {
+            spool::publish(prefix).map_err(|e| (e, prefix.len()))
+        });
+        if done > 0 {
+            tracing::info!(messages = done, "completed hand-dropped messages");
+        }
+        for ready in &chunk[..done] {
+            tracing::debug!(id = %ready.message.id, file = %ready.file, "completed a hand-dropped message");
+            outbox.known.insert(ready.file.clone(), Arc::clone(ready));
+        }
+        if let Some(err) = failure {
+            tracing::debug!(%err, messages = chunk.len() - done, "cannot complete hand-dropped messages yet");
+            outbox.renames_durable = false;
+            outbox
+                .recheck
+                .extend(chunk[done..].iter().map(|ready| ready.file.clone()));
+            errors.push(err);
+        }
+    }
+    errors
 }
 
 /// Parses an outbox file: a full message, or one to complete (then `true`).

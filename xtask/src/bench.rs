@@ -7,8 +7,12 @@
 //! 1. latency: a message file renamed into one agent's `outbox/` until it is in another
 //!    agent's `inbox/`, and until its hook starts; one message at a time.
 //! 2. durable throughput end to end: messages of about 300 bytes, 1 sender → 1 receiver
-//!    and 4 senders → 1 receiver; from the first file dropped to the hub counting the last
-//!    one acknowledged by the receiver (which acks only what its inbox holds durably).
+//!    and 4 senders → 1 receiver; from the first message handed to the sender to the hub
+//!    counting the last one acknowledged by the receiver (which acks only what its inbox
+//!    holds durably). 1 → 1 is measured the three ways users hand messages over: complete
+//!    message files renamed into `outbox/`, the minimal hand-dropped file the README shows
+//!    (`type`, `target`, `payload`, which the agent completes), and `mesync send`, one
+//!    process per message run from shell loops as a script would.
 //! 3. broadcast: one message to 1,000 light hosts long-polling the hub, until each has it.
 //! 4. idle: the hub's RSS and CPU while 10,000 light hosts long-poll it.
 //! 5. the machine's limits (see `disk`), 6. the peers (see `peers`).
@@ -30,6 +34,8 @@ struct Mode {
     name: &'static str,
     latency_messages: usize,
     throughput_messages: usize,
+    /// `mesync send` costs a process per message, so the short mode sends fewer.
+    send_messages: usize,
     broadcast_hosts: usize,
     idle_hosts: usize,
     idle_window: Duration,
@@ -39,6 +45,7 @@ const FULL: Mode = Mode {
     name: "full",
     latency_messages: 500,
     throughput_messages: 20_000,
+    send_messages: 20_000,
     broadcast_hosts: 1_000,
     idle_hosts: 10_000,
     idle_window: Duration::from_secs(10),
@@ -48,6 +55,7 @@ const SHORT: Mode = Mode {
     name: "short",
     latency_messages: 50,
     throughput_messages: 2_000,
+    send_messages: 400,
     broadcast_hosts: 100,
     idle_hosts: 500,
     idle_window: Duration::from_secs(2),
@@ -93,8 +101,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let disk = disk::measure(&root.join("disk"), mode.name == "short")?;
     let redis = peers::redis(&root.join("peers"), n, 300)?;
     let mosquitto = peers::mosquitto(&root.join("peers"), n, 300)?;
-    let one = throughput(&binary, &root.join("tp1"), 1, n)?;
-    let four = throughput(&binary, &root.join("tp4"), 4, n)?;
+    let complete = throughput(&binary, &root.join("tp1"), 1, n, Handover::Complete)?;
+    let hand = throughput(&binary, &root.join("tp1-hand"), 1, n, Handover::HandDropped)?;
+    let sends = mode.send_messages;
+    let send = throughput(
+        &binary,
+        &root.join("tp1-send"),
+        1,
+        sends,
+        Handover::Send { loops: SEND_LOOPS },
+    )?;
+    let four = throughput(&binary, &root.join("tp4"), 4, n, Handover::Complete)?;
     let ratios = |rate: f64| {
         let mut parts = vec![
             format!("{:.1}x fsync-per-file", rate / disk.fsync_per_file),
@@ -106,12 +123,40 @@ pub fn run(args: &[String]) -> Result<(), String> {
         parts.join(", ")
     };
     table.row(
-        "2. throughput 1 -> 1",
-        format!("{one:.0} msg/s ({n} x ~300 B); {}", ratios(one)),
+        "2. throughput 1 -> 1, complete files",
+        format!(
+            "{:.0} msg/s ({n} x {} B); {}",
+            complete.rate,
+            complete.bytes,
+            ratios(complete.rate)
+        ),
+    );
+    table.row(
+        "   throughput 1 -> 1, hand-dropped",
+        format!(
+            "{:.0} msg/s ({n} x {} B {{type, target, payload}}); {}",
+            hand.rate,
+            hand.bytes,
+            ratios(hand.rate)
+        ),
+    );
+    table.row(
+        "   throughput 1 -> 1, mesync send",
+        format!(
+            "{:.0} msg/s ({sends} processes, {SEND_LOOPS} shell loops, {:.0} sends/s); {}",
+            send.rate,
+            send.handed_over_rate,
+            ratios(send.rate)
+        ),
     );
     table.row(
         "   throughput 4 -> 1",
-        format!("{four:.0} msg/s ({n} x ~300 B); {}", ratios(four)),
+        format!(
+            "{:.0} msg/s ({n} x {} B); {}",
+            four.rate,
+            four.bytes,
+            ratios(four.rate)
+        ),
     );
     let broadcast = runtime.block_on(broadcast(
         &binary,
@@ -216,10 +261,25 @@ fn message(i: usize, kind: &str, source: &str, target: Option<&str>) -> (String,
     let id = format!("00000000-0000-4000-8000-{i:012}");
     let target = target.map_or("null".to_string(), |t| format!("\"{t}\""));
     let body = format!(
-        r#"{{"id":"{id}","type":"{kind}","source":"{source}","target":{target},"priority":"normal","created_at":"2024-01-01T00:00:00.{:06}+00:00","payload":{{"n":{i},"text":"{PAYLOAD}"}}}}"#,
-        i % 1_000_000
+        r#"{{"id":"{id}","type":"{kind}","source":"{source}","target":{target},"priority":"normal","created_at":"2024-01-01T00:00:00.{:06}+00:00","payload":{}}}"#,
+        i % 1_000_000,
+        payload(i)
     );
     (body, format!("20240101T000000_{id}.json"))
+}
+
+/// The minimal file the README tells users to drop: `type`, `target` and `payload` only
+/// (the same payload as [`message`]), and a name for it.
+fn hand_dropped(i: usize, kind: &str, target: &str) -> (String, String) {
+    let body = format!(
+        r#"{{"type":"{kind}","target":"{target}","payload":{}}}"#,
+        payload(i)
+    );
+    (body, format!("job-{i}.json"))
+}
+
+fn payload(i: usize) -> String {
+    format!(r#"{{"n":{i},"text":"{PAYLOAD}"}}"#)
 }
 
 fn agents_registered(addr: &str, hosts: &[&str]) -> Result<(), String> {
@@ -314,8 +374,49 @@ fn percentiles(samples: &mut [Duration]) -> String {
     )
 }
 
+/// How a throughput case hands its messages to the sending agents.
+#[derive(Clone, Copy)]
+enum Handover {
+    /// Complete message files, written beforehand under dot-names (which agents ignore) and
+    /// renamed into `outbox/` once the clock runs.
+    Complete,
+    /// The minimal `{type, target, payload}` file the README shows, dropped the same way;
+    /// the agent completes it (id, source, created_at, priority) before sending.
+    HandDropped,
+    /// `mesync send`, one process per message, from `loops` shell loops run side by side
+    /// (as a script or `xargs -P` would): the cost of a process start and of a durable
+    /// write per message is part of what is measured.
+    Send { loops: usize },
+}
+
+/// Shell loops running `mesync send` side by side in the `mesync send` case.
+const SEND_LOOPS: usize = 4;
+
+/// The loop each `mesync send` shell runs: messages `$2` up to `$3`, each a process.
+const SEND_LOOP: &str = r#"bin=$1; i=$2; end=$3; text=$4
+while [ "$i" -lt "$end" ]; do
+  "$bin" send bench.load --target receiver --payload "{\"n\":$i,\"text\":\"$text\"}" >/dev/null || exit 1
+  i=$((i + 1))
+done"#;
+
+/// What one throughput case measured.
+struct Throughput {
+    /// Messages per second, end to end.
+    rate: f64,
+    /// Messages per second handed to the senders (the renames, or the `mesync send` runs).
+    handed_over_rate: f64,
+    /// The mean size of a file handed over (0 for `mesync send`, which writes its own).
+    bytes: usize,
+}
+
 /// 2. Durable throughput: `count` messages from `senders` agents to one receiver.
-fn throughput(binary: &Path, root: &Path, senders: usize, count: usize) -> Result<f64, String> {
+fn throughput(
+    binary: &Path,
+    root: &Path,
+    senders: usize,
+    count: usize,
+    handover: Handover,
+) -> Result<Throughput, String> {
     let (_hub, addr) = start_hub(binary, &root.join("hub"))?;
     let receiver = root.join("receiver");
     let _r = start_agent(binary, &receiver, "receiver", &addr)?;
@@ -330,20 +431,37 @@ fn throughput(binary: &Path, root: &Path, senders: usize, count: usize) -> Resul
     hosts.push("receiver");
     agents_registered(&addr, &hosts)?;
 
-    // Written beforehand under dot-names, which agents ignore; the clock covers the renames.
-    let mut drops = Vec::with_capacity(count);
-    for i in 0..count {
-        let s = i % senders;
-        let (body, name) = message(i, "bench.load", &names[s], Some("receiver"));
-        let outbox = bases[s].join("outbox");
-        let temp = outbox.join(format!(".{i}.tmp"));
-        fs::write(&temp, body).map_err(|e| e.to_string())?;
-        drops.push((temp, outbox.join(name)));
-    }
-    let start = Instant::now();
-    for (temp, target) in &drops {
-        fs::rename(temp, target).map_err(|e| e.to_string())?;
-    }
+    let (start, handed_over, bytes) = match handover {
+        Handover::Complete | Handover::HandDropped => {
+            let complete = matches!(handover, Handover::Complete);
+            let mut drops = Vec::with_capacity(count);
+            let mut bytes = 0;
+            for i in 0..count {
+                let s = i % senders;
+                let (body, name) = if complete {
+                    message(i, "bench.load", &names[s], Some("receiver"))
+                } else {
+                    hand_dropped(i, "bench.load", "receiver")
+                };
+                bytes += body.len();
+                let outbox = bases[s].join("outbox");
+                let temp = outbox.join(format!(".{i}.tmp"));
+                fs::write(&temp, body).map_err(|e| e.to_string())?;
+                drops.push((temp, outbox.join(name)));
+            }
+            let start = Instant::now();
+            for (temp, target) in &drops {
+                fs::rename(temp, target).map_err(|e| e.to_string())?;
+            }
+            (start, start.elapsed(), bytes / count.max(1))
+        }
+        Handover::Send { loops } => {
+            let start = Instant::now();
+            let loops = send_loops(binary, &bases, &names, count, loops)?;
+            finish_loops(loops)?;
+            (start, start.elapsed(), 0)
+        }
+    };
     let deadline = start + Duration::from_secs(600);
     loop {
         if delivered(&addr) >= count {
@@ -367,8 +485,58 @@ fn throughput(binary: &Path, root: &Path, senders: usize, count: usize) -> Resul
         ));
     }
     let commits = metric(&addr, "mesync_commits_total");
-    eprintln!("throughput {senders} -> 1: {count} messages in {elapsed:?}, {commits} hub commits");
-    Ok(count as f64 / elapsed.as_secs_f64())
+    eprintln!(
+        "throughput {senders} -> 1: {count} messages in {elapsed:?} (handed over in \
+         {handed_over:?}), {commits} hub commits"
+    );
+    Ok(Throughput {
+        rate: count as f64 / elapsed.as_secs_f64(),
+        handed_over_rate: count as f64 / handed_over.as_secs_f64(),
+        bytes,
+    })
+}
+
+/// Starts `loops` shells, each running `mesync send` once per message for its share of
+/// `count`, as the sender `names[k % senders]`.
+fn send_loops(
+    binary: &Path,
+    bases: &[PathBuf],
+    names: &[String],
+    count: usize,
+    loops: usize,
+) -> Result<Vec<std::process::Child>, String> {
+    let loops = loops.max(1);
+    (0..loops)
+        .map(|k| {
+            let (from, to) = (count * k / loops, count * (k + 1) / loops);
+            let s = k % bases.len();
+            let mut shell = std::process::Command::new("sh");
+            mesync::service::clear_inherited_settings(&mut shell);
+            shell
+                .args(["-c", SEND_LOOP, "sh"])
+                .arg(binary)
+                .args([from.to_string(), to.to_string(), PAYLOAD.to_string()])
+                .env("MESYNC_BASE_DIR", &bases[s])
+                .env("MESYNC_HOST_ID", &names[s])
+                .env("HOME", &bases[s])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start sh: {e}"))
+        })
+        .collect()
+}
+
+/// Waits for every shell loop to end; an error if one failed.
+fn finish_loops(loops: Vec<std::process::Child>) -> Result<(), String> {
+    let mut failed = None;
+    for mut shell in loops {
+        match shell.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => failed = Some(format!("a `mesync send` loop failed: {status}")),
+            Err(e) => failed = Some(format!("sh: {e}")),
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// The hub's count of messages acknowledged by their recipient.
