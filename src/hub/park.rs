@@ -78,16 +78,17 @@ impl<S: OverTcp> Tracked<S> {
         }
     }
 
-    /// Puts back bytes that hyper read and did not use, before any still unread.
+    /// Puts back bytes that hyper read and did not use, before any still unread. They are
+    /// copied out: `bytes` is a view of hyper's whole read buffer, which must not be kept
+    /// alive by a few bytes (or none) in it.
     pub fn unread(&mut self, bytes: Bytes) {
-        if self.unread.is_empty() {
-            self.unread = bytes;
-        } else if !bytes.is_empty() {
-            let mut both = BytesMut::with_capacity(bytes.len() + self.unread.len());
-            both.extend_from_slice(&bytes);
-            both.extend_from_slice(&self.unread);
-            self.unread = both.freeze();
+        if bytes.is_empty() {
+            return;
         }
+        let mut both = BytesMut::with_capacity(bytes.len() + self.unread.len());
+        both.extend_from_slice(&bytes);
+        both.extend_from_slice(&self.unread);
+        self.unread = both.freeze();
     }
 
     /// Returns when the client has closed its end of the connection, or the connection
@@ -98,9 +99,12 @@ impl<S: OverTcp> Tracked<S> {
         if !self.unread.is_empty() {
             return std::future::pending().await;
         }
-        // Readiness first, so that a parked connection holds no buffer.
-        if self.stream.tcp().readable().await.is_err() {
-            return;
+        // A peek at the socket first, so that a parked connection holds no buffer. (Its
+        // readiness alone would not do: it can still be set from the request's bytes.)
+        let mut probe = [0u8; 1];
+        match self.stream.tcp().peek(&mut probe).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
         let mut early = BytesMut::with_capacity(EARLY_BYTES);
         match self.stream.read_buf(&mut early).await {
