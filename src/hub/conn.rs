@@ -206,8 +206,14 @@ async fn handshake<S: Store>(
     conns: Arc<Conns<S>>,
 ) {
     let generation = tls.current();
+    // Boxed, and the stream with it: the handshake's state is large, and would otherwise
+    // stay part of the connection's task (parked polls included) for as long as it lives.
+    let accept = Box::pin(async {
+        let stream = generation.acceptor().accept(stream).await?;
+        Ok::<_, std::io::Error>(Box::new(stream))
+    });
     let accepted = tokio::select! {
-        accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, generation.acceptor().accept(stream)) => accepted,
+        accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept) => accepted,
         _ = conns.shutdown.cancelled() => return,
     };
     let stream = match accepted {
@@ -249,14 +255,7 @@ async fn handshake<S: Store>(
         chain,
         expires,
     };
-    serve(
-        Stream::Tls(Box::new(stream)),
-        peer,
-        cert,
-        Some(peer_tls),
-        conns,
-    )
-    .await;
+    serve(Stream::Tls(stream), peer, cert, Some(peer_tls), conns).await;
 }
 
 /// A connection's stream: TCP, or TLS over it.
@@ -434,7 +433,8 @@ async fn parked<S: Store>(
         }
     };
     let keep_alive = poll.keep_alive && !watch.draining;
-    let written = park::write_answer(io, answer, keep_alive).await;
+    // Boxed: its state is needed only while it runs, not while the poll waits.
+    let written = Box::pin(park::write_answer(io, answer, keep_alive)).await;
     // The slot is given back once the answer is out.
     drop(poll);
     if let Err(err) = written {

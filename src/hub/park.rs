@@ -184,7 +184,8 @@ pub async fn wait<S: Store, T: OverTcp>(
         tokio::pin!(notified);
         // Registered before the fetch: a message committed after it wakes us.
         notified.as_mut().enable();
-        if let Some(answer) = api.look(poll).await {
+        // Boxed: the fetch's state is needed only while it runs, not while the poll waits.
+        if let Some(answer) = Box::pin(api.look(poll)).await {
             return Some(answer);
         }
         tokio::select! {
