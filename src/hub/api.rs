@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,8 @@ const MAX_POLLS_PER_HOST: usize = 4;
 pub struct Api<S> {
     pub store: S,
     pub tokens: Tokens,
-    /// Long-polls open, by host.
-    pub polls: Mutex<HashMap<String, usize>>,
+    /// Long-polls open, by host (parked ones included).
+    pub polls: Arc<Mutex<HashMap<String, usize>>>,
     /// `[hub] max_message_bytes`; a reload (SIGHUP) may change it.
     pub max_message_bytes: AtomicUsize,
     pub shutdown: CancellationToken,
@@ -83,12 +83,14 @@ impl<S: Store> Api<S> {
             .max(8 * 1024 * 1024)
     }
 
-    /// Routes one request from `peer`, whose connection presented `cert`.
+    /// Routes one request from `peer`, whose connection presented `cert` and takes the
+    /// long-polls offered to `park`.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
         cert: &ClientCert,
+        park: &ParkOffer,
     ) -> Answer {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -96,7 +98,7 @@ impl<S: Store> Api<S> {
             Self::check_head(&req).and_then(|()| self.authorize(&req, &path, peer, cert));
         let result = match authorized {
             Err(refusal) => Err(refusal),
-            Ok(caller) => self.route(req, &method, &path, caller, peer).await,
+            Ok(caller) => self.route(req, &method, &path, caller, peer, park).await,
         };
         result.unwrap_or_else(|Refusal(status, message)| {
             tracing::debug!(%method, %path, %status, %message, "request refused");
@@ -194,10 +196,11 @@ impl<S: Store> Api<S> {
         path: &str,
         caller: Caller,
         peer: SocketAddr,
+        park: &ParkOffer,
     ) -> Handled {
         match (method.clone(), path) {
             (Method::POST, "/v1/messages") => self.send(req, &caller).await,
-            (Method::GET, "/v1/messages") => self.pull(req, &caller).await,
+            (Method::GET, "/v1/messages") => self.pull(req, &caller, park).await,
             (Method::POST, "/v1/ack") => self.ack(req, &caller).await,
             (Method::GET, "/v1/hosts") => Ok(self.hosts()),
             (Method::DELETE, p) if p.starts_with("/v1/hosts/") => {
@@ -339,30 +342,85 @@ impl<S: Store> Api<S> {
 
     /// `GET /v1/messages?host=H&wait=S&max=N`: the host's next messages, waiting up to S
     /// seconds for one to arrive.
-    async fn pull(&self, req: Request<Incoming>, caller: &Caller) -> Handled {
+    ///
+    /// The request is dropped before the wait: its head points into hyper's read buffer,
+    /// which hyper would otherwise have to leave alone and allocate another beside. While it
+    /// waits, the poll is offered to the connection, which may take it out of hyper
+    /// altogether (see `park`).
+    async fn pull(&self, req: Request<Incoming>, caller: &Caller, park: &ParkOffer) -> Handled {
         let query = Query::parse(req.uri().query().unwrap_or(""))?;
+        let keep_alive = !closes(&req);
+        // What `park` can answer: HTTP/1.1 (its keep-alive rules), and no body left unread
+        // in hyper's buffer to be taken for the next request.
+        let parkable = req.version() == Version::HTTP_11 && req.body().is_end_stream();
+        drop(req);
         let host = own_host(caller, query.host)?;
         self.register(&host).await?;
-        let _poll = if query.wait.is_zero() {
+        let slot = if query.wait.is_zero() {
             None
         } else {
             Some(PollSlot::take(&self.polls, &host)?)
         };
         let deadline = tokio::time::Instant::now() + query.wait.min(MAX_WAIT);
-        let notify = self.store.waiter(&host);
+        let mut poll = LongPoll {
+            host,
+            max: query.max,
+            deadline,
+            keep_alive,
+            _slot: slot,
+        };
         loop {
+            let notify = self.waiter(&poll);
             let notified = notify.notified();
             tokio::pin!(notified);
             // Registered before the fetch: a message committed after it wakes us.
             notified.as_mut().enable();
-            let messages = self.store.fetch(&host, query.max).await.map_err(internal)?;
-            if !messages.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(messages_answer(&messages));
+            if let Some(answer) = self.look(&poll).await {
+                return Ok(answer);
             }
+            // Kept here when it cannot be parked, on offer when it can.
+            let kept = if parkable {
+                park.offer(poll);
+                None
+            } else {
+                Some(poll)
+            };
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {}
-                _ = self.shutdown.cancelled() => return Ok(messages_answer(&[])),
+                _ = self.shutdown.cancelled() => {
+                    drop(park.take());
+                    return Ok(messages_answer(&[]));
+                }
+            }
+            // Taken back from the offer: had the connection taken it, this future would
+            // have been dropped with hyper's connection.
+            poll = match kept.or_else(|| park.take()) {
+                Some(poll) => poll,
+                None => return Ok(messages_answer(&[])),
+            };
+        }
+    }
+
+    /// The host's queue, waited on by [`LongPoll`]s: take a `notified()` from it, and
+    /// enable that, before [`Api::look`], so that no wake-up is lost.
+    pub fn waiter(&self, poll: &LongPoll) -> Arc<tokio::sync::Notify> {
+        self.store.waiter(&poll.host)
+    }
+
+    /// One look at a long-poll's queue: the answer when there are messages, the time is up
+    /// or the store failed; `None` while it must wait.
+    pub async fn look(&self, poll: &LongPoll) -> Option<Answer> {
+        match self.store.fetch(&poll.host, poll.max).await {
+            Ok(messages)
+                if !messages.is_empty() || tokio::time::Instant::now() >= poll.deadline =>
+            {
+                Some(messages_answer(&messages))
+            }
+            Ok(_) => None,
+            Err(err) => {
+                let Refusal(status, message) = internal(err);
+                Some(error(status, &message))
             }
         }
     }
@@ -433,14 +491,60 @@ impl<S: Store> Api<S> {
     }
 }
 
+/// A long-poll waiting for a host's messages: what it waits for, and the slot it holds.
+pub struct LongPoll {
+    host: String,
+    max: usize,
+    deadline: tokio::time::Instant,
+    /// Whether the connection stays open after the answer: HTTP/1.1 without
+    /// `Connection: close`.
+    pub keep_alive: bool,
+    /// Given back however the poll ends: answered, its client gone, or shut down.
+    _slot: Option<PollSlot>,
+}
+
+impl LongPoll {
+    /// When the poll is answered, with no messages if none came.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+}
+
+/// Where a pull handler offers its waiting long-poll to the connection it came on. The
+/// connection may take it and wait outside hyper (see `park`), dropping the handler; the
+/// handler takes it back when it wakes first.
+#[derive(Default)]
+pub struct ParkOffer(Mutex<Option<LongPoll>>);
+
+impl ParkOffer {
+    fn offer(&self, poll: LongPoll) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(poll);
+    }
+
+    /// The long-poll on offer, if any.
+    pub fn take(&self) -> Option<LongPoll> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Whether a request asks for its connection to close after the answer.
+fn closes<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("close"))
+}
+
 /// One of a host's long-poll slots, given back when dropped.
-struct PollSlot<'a> {
-    polls: &'a Mutex<HashMap<String, usize>>,
+struct PollSlot {
+    polls: Arc<Mutex<HashMap<String, usize>>>,
     host: String,
 }
 
-impl<'a> PollSlot<'a> {
-    fn take(polls: &'a Mutex<HashMap<String, usize>>, host: &str) -> Result<PollSlot<'a>, Refusal> {
+impl PollSlot {
+    fn take(polls: &Arc<Mutex<HashMap<String, usize>>>, host: &str) -> Result<PollSlot, Refusal> {
         let mut open = polls.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(host.to_string()).or_default();
         if *count >= MAX_POLLS_PER_HOST {
@@ -451,13 +555,13 @@ impl<'a> PollSlot<'a> {
         }
         *count += 1;
         Ok(PollSlot {
-            polls,
+            polls: Arc::clone(polls),
             host: host.to_string(),
         })
     }
 }
 
-impl Drop for PollSlot<'_> {
+impl Drop for PollSlot {
     fn drop(&mut self) {
         let mut open = self.polls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = open.get_mut(&self.host) {
@@ -591,7 +695,7 @@ fn too_large(limit: usize) -> Refusal {
 }
 
 /// `{"messages": [...]}` assembled from the stored JSON without parsing it again.
-fn messages_answer(messages: &[Bytes]) -> Answer {
+pub fn messages_answer(messages: &[Bytes]) -> Answer {
     let size = messages.iter().map(Bytes::len).sum::<usize>() + messages.len() + 16;
     let mut body = BytesMut::with_capacity(size);
     body.extend_from_slice(b"{\"messages\":[");

@@ -1,25 +1,31 @@
 //! Connections: accepting them (up to `[hub] max_connections`), the TLS handshake, serving
-//! HTTP/1.1 on each, and closing them: gracefully when the hub shuts down, at once when a
+//! HTTP/1.1 on each (with hyper, except for long-polls parked outside it while they wait:
+//! see `park`), and closing them: gracefully when the hub shuts down, at once when a
 //! reload no longer trusts the client certificate they were opened with, or when that
 //! certificate expires.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::api::{self, Api};
+use super::api::{self, Api, LongPoll};
 use super::auth::ClientCert;
+use super::park::{self, OverTcp, Parking, Tracked};
 use super::store::Store;
 use crate::tls::{self, Generation, ServerTls};
 
@@ -179,7 +185,14 @@ pub async fn accept_loop<S: Store>(listener: TcpListener, conns: Arc<Conns<S>>) 
         let task = Arc::clone(&conns);
         match &conns.tls {
             None => conns.tasks.spawn(async move {
-                serve(stream, peer, ClientCert::NotAsked, None, task).await;
+                serve(
+                    Stream::Plain(stream),
+                    peer,
+                    ClientCert::NotAsked,
+                    None,
+                    task,
+                )
+                .await;
                 drop(slot);
             }),
             Some(tls) => {
@@ -201,8 +214,14 @@ async fn handshake<S: Store>(
     conns: Arc<Conns<S>>,
 ) {
     let generation = tls.current();
+    // Boxed, and the stream with it: the handshake's state is large, and would otherwise
+    // stay part of the connection's task (parked polls included) for as long as it lives.
+    let accept = Box::pin(async {
+        let stream = generation.acceptor().accept(stream).await?;
+        Ok::<_, std::io::Error>(Box::new(stream))
+    });
     let accepted = tokio::select! {
-        accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, generation.acceptor().accept(stream)) => accepted,
+        accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept) => accepted,
         _ = conns.shutdown.cancelled() => return,
     };
     let stream = match accepted {
@@ -244,65 +263,260 @@ async fn handshake<S: Store>(
         chain,
         expires,
     };
-    serve(stream, peer, cert, Some(peer_tls), conns).await;
+    serve(Stream::Tls(stream), peer, cert, Some(peer_tls), conns).await;
 }
 
-/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes, the hub shuts down
-/// (gracefully: requests in flight finish), or its client certificate stops being trusted
-/// (at once: its requests must not be answered any more).
-async fn serve<S, I>(
-    io: I,
+/// A connection's stream: TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl OverTcp for Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What ends or changes a connection from outside.
+enum Event {
+    /// The hub shuts down: requests in flight finish, then the connection closes.
+    Shutdown,
+    /// The connection must close at once (logged).
+    Close,
+}
+
+/// The outside events of one connection: shutdown, and for TLS a reload that may no
+/// longer trust its client certificate, and that certificate's expiry.
+struct Watch {
+    tls: Option<TlsPeer>,
     peer: SocketAddr,
-    cert: ClientCert,
-    mut tls: Option<TlsPeer>,
-    conns: Arc<Conns<S>>,
-) where
-    S: Store,
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let cert = Arc::new(cert);
-    let api = Arc::clone(&conns.api);
-    let service = service_fn(move |req| {
-        let api = Arc::clone(&api);
-        let cert = Arc::clone(&cert);
-        async move { Ok::<_, Infallible>(api.handle(req, peer, &cert).await) }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(api::MAX_HEAD_BYTES * 4)
-        .serve_connection(TokioIo::new(io), service);
-    let mut conn = std::pin::pin!(conn);
-    let mut draining = false;
-    loop {
-        let replaced = tls.as_ref().map(|t| t.generation.replaced());
-        let expires = tls.as_ref().and_then(|t| t.expires);
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%peer, %err, "connection ended with an error");
+    draining: bool,
+}
+
+impl Watch {
+    /// The next event. Dropping the future loses nothing.
+    async fn next(&mut self, shutdown: &CancellationToken) -> Event {
+        loop {
+            let replaced = self.tls.as_ref().map(|t| t.generation.replaced());
+            let expires = self.tls.as_ref().and_then(|t| t.expires);
+            tokio::select! {
+                _ = shutdown.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    return Event::Shutdown;
                 }
-                return;
-            }
-            _ = conns.shutdown.cancelled(), if !draining => {
-                conn.as_mut().graceful_shutdown();
-                draining = true;
-            }
-            _ = cancelled(replaced) => {
-                let Some(peer_tls) = tls.as_mut() else { return };
-                let next = peer_tls.tls.current();
-                if !next.trusts(&peer_tls.chain) {
-                    tracing::info!(%peer, "client certificate no longer trusted after a reload; connection closed");
-                    return;
+                _ = cancelled(replaced) => {
+                    let Some(peer_tls) = self.tls.as_mut() else { return Event::Close };
+                    let next = peer_tls.tls.current();
+                    if !next.trusts(&peer_tls.chain) {
+                        tracing::info!(peer = %self.peer, "client certificate no longer trusted after a reload; connection closed");
+                        return Event::Close;
+                    }
+                    peer_tls.generation = next;
                 }
-                peer_tls.generation = next;
-            }
-            _ = until(expires) => {
-                tracing::info!(%peer, "client certificate expired; connection closed");
-                return;
+                _ = until(expires) => {
+                    tracing::info!(peer = %self.peer, "client certificate expired; connection closed");
+                    return Event::Close;
+                }
             }
         }
     }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes, the hub shuts down
+/// (gracefully: requests in flight finish, parked long-polls are answered), or its client
+/// certificate stops being trusted (at once: its requests must not be answered any more).
+///
+/// hyper serves the requests in rounds: a round ends when a long-poll is taken out of it
+/// to wait parked, and the next round begins with the request after that poll's answer.
+async fn serve<S: Store>(
+    stream: Stream,
+    peer: SocketAddr,
+    cert: ClientCert,
+    tls: Option<TlsPeer>,
+    conns: Arc<Conns<S>>,
+) {
+    let cert = Arc::new(cert);
+    let parking = Arc::new(Parking::default());
+    let mut watch = Watch {
+        tls,
+        peer,
+        draining: false,
+    };
+    let mut io = Tracked::new(stream, Arc::clone(&parking));
+    loop {
+        let Some((poll, back)) = hyper_round(io, peer, &cert, &parking, &mut watch, &conns).await
+        else {
+            return;
+        };
+        io = back;
+        if !parked(poll, &mut io, &mut watch, &conns).await {
+            return;
+        }
+    }
+}
+
+/// Waits out a long-poll taken from hyper, and answers it; whether the connection stays
+/// open for the next request.
+async fn parked<S: Store>(
+    poll: LongPoll,
+    io: &mut Tracked<Stream>,
+    watch: &mut Watch,
+    conns: &Conns<S>,
+) -> bool {
+    let answer = if watch.draining {
+        // Shutdown came while hyper still held the poll: it is answered at once.
+        api::messages_answer(&[])
+    } else {
+        tokio::select! {
+            answer = park::wait(&conns.api, &poll, io) => match answer {
+                Some(answer) => answer,
+                None => return false,
+            },
+            event = watch.next(&conns.shutdown) => match event {
+                Event::Shutdown => api::messages_answer(&[]),
+                Event::Close => return false,
+            },
+        }
+    };
+    let keep_alive = poll.keep_alive && !watch.draining;
+    // Boxed: its state is needed only while it runs, not while the poll waits.
+    let written = Box::pin(park::write_answer(io, answer, keep_alive)).await;
+    // The slot is given back once the answer is out.
+    drop(poll);
+    if let Err(err) = written {
+        tracing::debug!(peer = %watch.peer, %err, "connection ended with an error");
+        return false;
+    }
+    if !keep_alive {
+        let _ = io.shutdown().await;
+    }
+    keep_alive
+}
+
+/// hyper serves requests on `io` until the connection ends (`None`) or a long-poll is
+/// taken out to be parked: then that poll, and the stream back from hyper.
+async fn hyper_round<S: Store>(
+    io: Tracked<Stream>,
+    peer: SocketAddr,
+    cert: &Arc<ClientCert>,
+    parking: &Arc<Parking>,
+    watch: &mut Watch,
+    conns: &Conns<S>,
+) -> Option<(LongPoll, Tracked<Stream>)> {
+    let api = Arc::clone(&conns.api);
+    let cert = Arc::clone(cert);
+    let offers = Arc::clone(parking);
+    let service = service_fn(move |req| {
+        let api = Arc::clone(&api);
+        let cert = Arc::clone(&cert);
+        let offers = Arc::clone(&offers);
+        async move { Ok::<_, Infallible>(api.handle(req, peer, &cert, &offers.offer).await) }
+    });
+    // Boxed, so that the connection task is small while a poll is parked.
+    let mut conn = Box::new(
+        http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(api::MAX_HEAD_BYTES * 4)
+            .serve_connection(TokioIo::new(io), service),
+    );
+    if watch.draining {
+        Pin::new(conn.as_mut()).graceful_shutdown();
+    }
+    let poll = loop {
+        // hyper is polled, then the offer looked at, in one go: an offer made while hyper
+        // runs a handler is seen as soon as hyper returns.
+        let round = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = Pin::new(conn.as_mut()).poll(cx) {
+                return Poll::Ready(Err(result));
+            }
+            match parking.take() {
+                Some(poll) => Poll::Ready(Ok(poll)),
+                None => Poll::Pending,
+            }
+        });
+        tokio::select! {
+            round = round => match round {
+                Ok(poll) => break poll,
+                Err(result) => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, %err, "connection ended with an error");
+                    }
+                    return None;
+                }
+            },
+            event = watch.next(&conns.shutdown) => match event {
+                Event::Shutdown => Pin::new(conn.as_mut()).graceful_shutdown(),
+                Event::Close => return None,
+            },
+        }
+    };
+    let parts = conn.into_parts();
+    let mut io = parts.io.into_inner();
+    io.unread(parts.read_buf);
+    Some((poll, io))
 }
 
 /// Waits until `token` is cancelled; forever when there is none.

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod conn;
+pub mod park;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -14,7 +14,8 @@
 //!    (`type`, `target`, `payload`, which the agent completes), and `mesync send`, one
 //!    process per message run from shell loops as a script would.
 //! 3. broadcast: one message to 1,000 light hosts long-polling the hub, until each has it.
-//! 4. idle: the hub's RSS and CPU while 10,000 light hosts long-poll it.
+//! 4. idle: the hub's RSS per idle long-poll (5,000, 10,000 and 20,000 light hosts, over
+//!    TLS, real agents) and its CPU while idle (see `idle`).
 //! 5. the machine's limits (see `disk`), 6. the peers (see `peers`).
 //!
 //! `--short` runs smaller counts so CI can check that the bench works; it asserts nothing
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::light::{self, Fleet};
 use crate::procs::{Proc, build_release, http_get, start_agent, start_hub, wait_until};
-use crate::{disk, peers};
+use crate::{disk, idle, peers};
 
 /// The sizes of one run.
 struct Mode {
@@ -37,8 +38,7 @@ struct Mode {
     /// `mesync send` costs a process per message, so the short mode sends fewer.
     send_messages: usize,
     broadcast_hosts: usize,
-    idle_hosts: usize,
-    idle_window: Duration,
+    idle: &'static idle::Sizes,
 }
 
 const FULL: Mode = Mode {
@@ -47,8 +47,7 @@ const FULL: Mode = Mode {
     throughput_messages: 20_000,
     send_messages: 20_000,
     broadcast_hosts: 1_000,
-    idle_hosts: 10_000,
-    idle_window: Duration::from_secs(10),
+    idle: &idle::FULL,
 };
 
 const SHORT: Mode = Mode {
@@ -57,8 +56,7 @@ const SHORT: Mode = Mode {
     throughput_messages: 2_000,
     send_messages: 400,
     broadcast_hosts: 100,
-    idle_hosts: 500,
-    idle_window: Duration::from_secs(2),
+    idle: &idle::SHORT,
 };
 
 /// About 300 bytes once wrapped in a message.
@@ -167,14 +165,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         format!("3. broadcast to {} hosts", mode.broadcast_hosts),
         format!("{:.1} ms until every host has it", ms(broadcast)),
     );
-    let (rss, cpu) = runtime.block_on(idle(&binary, &root.join("idle"), mode))?;
-    table.row(
-        format!("4. idle, {} long-polls", mode.idle_hosts),
-        format!(
-            "hub RSS {:.1} MiB, CPU {cpu:.2} % of a core",
-            rss as f64 / 1048576.0
-        ),
-    );
+    for (label, value) in
+        runtime.block_on(idle::rows(&binary, &root.join("idle"), mode.idle, None))?
+    {
+        table.row(label, value);
+    }
     table.row(
         "5. disk: fsync per file",
         format!(
@@ -567,46 +562,4 @@ async fn broadcast(binary: &Path, root: &Path, hosts: usize) -> Result<Duration,
     light::post(&addr, &body).await?;
     let last = fleet.wait_received(hosts, Duration::from_secs(60)).await?;
     Ok(last.duration_since(start))
-}
-
-/// 4. The hub's memory and CPU while `idle_hosts` light hosts long-poll it.
-async fn idle(binary: &Path, root: &Path, mode: &Mode) -> Result<(u64, f64), String> {
-    let (hub, addr) = start_hub(binary, &root.join("hub"))?;
-    let _fleet = Fleet::start(&addr, "idle", mode.idle_hosts, 60).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = hub.pid();
-    let before = cpu_ticks(pid)?;
-    let started = Instant::now();
-    tokio::time::sleep(mode.idle_window).await;
-    let ticks = cpu_ticks(pid)? - before;
-    let seconds = started.elapsed().as_secs_f64();
-    // SAFETY: sysconf has no memory effects.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = ticks as f64 / per_second / seconds * 100.0;
-    Ok((rss_bytes(pid)?, cpu))
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok(field(11) + field(12))
-}
-
-fn rss_bytes(pid: u32) -> Result<u64, String> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| "no VmRSS in /proc".to_string())
 }

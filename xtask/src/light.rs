@@ -1,13 +1,35 @@
-//! Light hosts: many simulated agents in one process, each a single TCP connection speaking
-//! just enough of the hub's HTTP API to long-poll. They stand in for a fleet (1,000 hosts
-//! for the broadcast figure, 10,000 for the idle one) that real agent processes would make
-//! too heavy for the machine running the benchmark.
+//! Light hosts: many simulated agents in one process, each a single TCP connection (plain
+//! or TLS) speaking just enough of the hub's HTTP API to long-poll. They stand in for a
+//! fleet (1,000 hosts for the broadcast figure, up to 20,000 for the idle one) that real
+//! agent processes would make too heavy for the machine running the benchmark.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+/// How light hosts reach the hub.
+#[derive(Clone)]
+pub enum Transport {
+    Plain,
+    /// TLS, trusting what the configuration trusts; the hub is addressed as `localhost`.
+    Tls(TlsConnector),
+}
+
+impl Transport {
+    pub fn tls(config: ClientConfig) -> Transport {
+        Transport::Tls(TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// A connection to the hub, plain or TLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Raises this process's open-file limit (one descriptor per light host).
 pub fn raise_fd_limit() {
@@ -26,19 +48,26 @@ pub fn raise_fd_limit() {
 }
 
 /// Sends one request on a connection and reads one whole answer; returns the status and body.
-pub async fn exchange(stream: &mut TcpStream, request: &str) -> Result<(u16, Vec<u8>), String> {
+pub async fn exchange(
+    stream: &mut (impl Stream + ?Sized),
+    request: &str,
+) -> Result<(u16, Vec<u8>), String> {
     stream
         .write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    // Read straight into the answer's buffer: tens of thousands of hosts each waiting in
+    // this future must not each hold a scratch array.
     let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 4096];
     loop {
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if buf.len() == buf.capacity() {
+            buf.reserve(4096);
+        }
+        let n = stream.read_buf(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed".into());
         }
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = find(&buf, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             let status: u16 = head
@@ -80,6 +109,17 @@ impl Fleet {
     /// Connects `count` hosts, registers each (a first poll that does not wait), then leaves
     /// each waiting in a long-poll of `wait` seconds, re-polling when it ends empty.
     pub async fn start(addr: &str, prefix: &str, count: usize, wait: u64) -> Result<Fleet, String> {
+        Fleet::start_over(&Transport::Plain, addr, prefix, count, wait).await
+    }
+
+    /// [`Fleet::start`] over `transport`.
+    pub async fn start_over(
+        transport: &Transport,
+        addr: &str,
+        prefix: &str,
+        count: usize,
+        wait: u64,
+    ) -> Result<Fleet, String> {
         let (tx, received) = mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut tasks = Vec::with_capacity(count);
@@ -87,13 +127,14 @@ impl Fleet {
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
         for i in 0..count {
             let gate = std::sync::Arc::clone(&gate);
+            let transport = transport.clone();
             let addr = addr.to_string();
             let host = format!("{prefix}{i}");
             let tx = tx.clone();
             let ready = ready_tx.clone();
             tasks.push(tokio::spawn(async move {
                 let permit = gate.acquire_owned().await;
-                let mut stream = match connect(&addr).await {
+                let mut stream = match connect_over(&transport, &addr).await {
                     Ok(stream) => stream,
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -158,6 +199,32 @@ impl Drop for Fleet {
             task.abort();
         }
     }
+}
+
+/// A connection over `transport`.
+pub async fn connect_over(transport: &Transport, addr: &str) -> Result<Box<dyn Stream>, String> {
+    let tcp = connect(addr).await?;
+    match transport {
+        Transport::Plain => Ok(Box::new(tcp)),
+        Transport::Tls(connector) => {
+            let name = ServerName::try_from("localhost").expect("localhost is a server name");
+            let stream = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// One GET on a connection of its own; the status and the body.
+pub async fn get_over(
+    transport: &Transport,
+    addr: &str,
+    path: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut stream = connect_over(transport, addr).await?;
+    exchange(&mut stream, &get(addr, path)).await
 }
 
 async fn connect(addr: &str) -> Result<TcpStream, String> {

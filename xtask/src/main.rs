@@ -5,12 +5,15 @@
 //! - `bench [--short]`: starts a real hub and real agents (release build) on loopback in a
 //!   temporary directory and prints the latency from an outbox file appearing on one agent
 //!   to the message being in another agent's inbox, and to its hook starting.
+//! - `idle [--short] [--hub BINARY]`: only the bench's idle long-poll rows: the hub's RSS
+//!   per idle long-poll (light hosts, TLS, real agents) and its CPU while idle (see `idle.rs`).
 //! - `dist [--target-dir DIR]`: builds the release binary and writes the .deb, the .rpm and
 //!   the launchd tarball into `target/dist/` (see `dist.rs`).
 
 mod bench;
 mod disk;
 mod dist;
+mod idle;
 mod light;
 mod peers;
 mod procs;
@@ -24,6 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("idle") => idle::cli(&args[1..]),
         Some("torture") => torture::cli(&args[1..], procs::build_release),
         Some(other) => Err(format!("unknown task {other:?}\n{USAGE}")),
         None => Err(USAGE.to_string()),
@@ -37,7 +41,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback\n  torture [--kills N] [--seed S] [--agents K] [--short] [--keep]\n                    kill -9 hub and agents under load; check exactly-once delivery\n  dist [--target-dir DIR]\n                    build the .deb, the .rpm and the launchd tarball into target/dist/";
+const USAGE: &str = "usage: cargo xtask <task>\n\ntasks:\n  bench [--short]   latency of a real hub and agents on loopback\n  idle [--short] [--hub BINARY]\n                    the hub's memory and CPU per idle long-poll\n  torture [--kills N] [--seed S] [--agents K] [--short] [--keep]\n                    kill -9 hub and agents under load; check exactly-once delivery\n  dist [--target-dir DIR]\n                    build the .deb, the .rpm and the launchd tarball into target/dist/";
 
 /// The workspace root, from this crate's manifest dir.
 pub fn project_root() -> PathBuf {

@@ -50,7 +50,20 @@ fn command(binary: &Path) -> Command {
 
 /// Starts a hub on an ephemeral loopback port; returns it and its address.
 pub fn start_hub(binary: &Path, data_dir: &Path) -> Result<(Proc, String), String> {
-    let mut child = command(binary)
+    start_hub_with(binary, data_dir, None)
+}
+
+/// [`start_hub`] with a config file (for `[hub]` settings such as TLS or the connection cap).
+pub fn start_hub_with(
+    binary: &Path,
+    data_dir: &Path,
+    config: Option<&Path>,
+) -> Result<(Proc, String), String> {
+    let mut command = command(binary);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "info")
@@ -62,7 +75,11 @@ pub fn start_hub(binary: &Path, data_dir: &Path) -> Result<(Proc, String), Strin
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
+            let rest = line
+                .split("listening on http://")
+                .nth(1)
+                .or_else(|| line.split("listening on https://").nth(1));
+            if let Some(rest) = rest {
                 let addr = rest.split_whitespace().next().unwrap_or("").to_string();
                 let _ = tx.send(addr);
             }
@@ -77,10 +94,26 @@ pub fn start_hub(binary: &Path, data_dir: &Path) -> Result<(Proc, String), Strin
 
 /// Starts an agent with its own base dir.
 pub fn start_agent(binary: &Path, base: &Path, host: &str, addr: &str) -> Result<Proc, String> {
+    start_agent_as(binary, base, host, addr, None)
+}
+
+/// [`start_agent`] as the user and group `user` when given (a base dir that user can write).
+pub fn start_agent_as(
+    binary: &Path,
+    base: &Path,
+    host: &str,
+    addr: &str,
+    user: Option<(u32, u32)>,
+) -> Result<Proc, String> {
+    use std::os::unix::process::CommandExt;
     for dir in ["outbox", "inbox", "sent", "failed", "hooks", "state"] {
         std::fs::create_dir_all(base.join(dir)).map_err(|e| format!("{}: {e}", base.display()))?;
     }
-    let child = command(binary)
+    let mut command = command(binary);
+    if let Some((uid, gid)) = user {
+        command.uid(uid).gid(gid);
+    }
+    let child = command
         .arg("start")
         .env("MESYNC_BASE_DIR", base)
         .env("MESYNC_HOST_ID", host)
