@@ -348,7 +348,13 @@ async fn agent_steps(
         let started = Instant::now();
         while agents.len() < count {
             let host = format!("agent{}", agents.len());
-            agents.push(start_agent(binary, &root.join(&host), &host, &addr, user)?);
+            agents.push(crate::procs::start_agent_as(
+                binary,
+                &root.join(&host),
+                &host,
+                &addr,
+                user,
+            )?);
         }
         let connections = polls_waiting(&Transport::Plain, &addr, count).await?;
         let rss = settled_rss(pid).await?;
@@ -400,26 +406,6 @@ fn open_to_others(dir: &Path, top: &Path) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Starts one agent with its own base dir, as `user` when given.
-fn start_agent(
-    binary: &Path,
-    base: &Path,
-    host: &str,
-    addr: &str,
-    user: Option<(u32, u32)>,
-) -> Result<Proc, String> {
-    let Some((uid, gid)) = user else {
-        return crate::procs::start_agent(binary, base, host, addr);
-    };
-    for dir in ["", "outbox", "inbox", "sent", "failed", "hooks", "state"] {
-        let path = base.join(dir);
-        fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    crate::procs::start_agent_as(binary, base, host, addr, Some((uid, gid)))
 }
 
 /// Waits until `count` long-polls wait at the hub; returns the connections open then.

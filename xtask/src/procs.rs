@@ -97,7 +97,7 @@ pub fn start_agent(binary: &Path, base: &Path, host: &str, addr: &str) -> Result
     start_agent_as(binary, base, host, addr, None)
 }
 
-/// [`start_agent`] as the user and group `user` when given (a base dir that user can write).
+/// [`start_agent`] as the user and group `user` when given, its base dir made theirs.
 pub fn start_agent_as(
     binary: &Path,
     base: &Path,
@@ -106,8 +106,13 @@ pub fn start_agent_as(
     user: Option<(u32, u32)>,
 ) -> Result<Proc, String> {
     use std::os::unix::process::CommandExt;
-    for dir in ["outbox", "inbox", "sent", "failed", "hooks", "state"] {
-        std::fs::create_dir_all(base.join(dir)).map_err(|e| format!("{}: {e}", base.display()))?;
+    for dir in ["", "outbox", "inbox", "sent", "failed", "hooks", "state"] {
+        let path = base.join(dir);
+        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
     }
     let mut command = command(binary);
     if let Some((uid, gid)) = user {
